@@ -1,0 +1,94 @@
+"""Step 2: GlobalAveragePool features of ImageNet CNNs for every labelled and test image.
+
+For each backbone, data/features/<Model>.h5 holds `train` (split.csv order), `label`, `train_files`,
+`test` (ids ascending), `test_ids`, and the settings as attributes; `complete=True` is written last.
+A complete file made with the same settings is skipped, so an interrupted run resumes.
+"""
+
+import time
+
+import numpy as np
+import pandas as pd
+
+import helper
+from helper import CatDogError, log
+
+
+def parse_args(argv=None):
+    p = helper.base_parser(__doc__.splitlines()[0], cnn=True)
+    p.add_argument("--models", nargs="+", default=list(helper.BACKBONES), choices=list(helper.BACKBONES),
+                   metavar="MODEL", help=f"backbones to extract, from {', '.join(helper.BACKBONES)}")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS,
+                   help="resize method (images are stretched to a square, as in the report); "
+                        "'nearest' reproduces Keras 2's flow_from_directory")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode JPEGs at least twice the target size at 1/2, 1/4 or 1/8 scale (faster decode, "
+                        "slightly different features)")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (for GPUs)")
+    p.add_argument("--multi-gpu", action="store_true", help="split batches across all visible GPUs")
+    p.add_argument("--force", action="store_true", help="recompute even complete feature files")
+    return p.parse_args(argv)
+
+
+def up_to_date(path, settings: helper.ExtractSettings, split: pd.DataFrame) -> str:
+    """Why an existing file must be redone, or '' when it can be kept."""
+    import h5py
+    state = helper.feature_file_state(path)
+    if state is None:
+        return "missing" if not path.exists() else "incomplete"
+    changed = [k for k, v in settings.attrs().items() if k != "seed" and state.get(k) != v]
+    if changed:
+        return "made with other settings (" + ", ".join(f"{k}={state.get(k)}" for k in changed) + ")"
+    with h5py.File(path, "r") as f:
+        if not np.array_equal(f["train_files"][:].astype(str), split.filename.to_numpy(str)):
+            return "made for another split.csv"
+    return ""
+
+
+def main(args):
+    import keras
+    import tensorflow as tf
+
+    split, parts, _ = helper.image_parts(args.data_dir)
+    strategy = tf.distribute.MirroredStrategy() if args.multi_gpu else tf.distribute.get_strategy()
+    if args.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    rows = []
+    try:
+        for name in args.models:
+            bb = helper.get_backbone(name)
+            settings = helper.ExtractSettings(args.image_size or bb.size, args.batch_size, args.interpolation,
+                                              args.jpeg_draft, args.weights, args.seed)
+            path = helper.feature_path(args.data_dir, name)
+            reason = "forced" if args.force else up_to_date(path, settings, split)
+            if not reason:
+                log.info(f"{path} is complete with these settings: skipped (--force recomputes)")
+                continue
+            log.info(f"{name}: {reason}; extracting at {settings.image_size} px")
+            keras.utils.set_random_seed(args.seed)  # makes --weights none reproducible
+            with strategy.scope():
+                model = bb.build(args.weights, settings.image_size)
+            start = time.perf_counter()
+            n = helper.extract_to_file(model, bb.preprocess, args.data_dir, path, settings,
+                                       {"backbone": name, "mixed_precision": args.mixed_precision},
+                                       strategy=strategy)
+            secs = time.perf_counter() - start
+            rows.append({"backbone": name, "images": n, "seconds": round(secs, 1),
+                         "images_per_s": round(n / secs, 1), "MB": round(path.stat().st_size / 2**20, 1)})
+            log.info(f"wrote {path}")
+            keras.backend.clear_session()
+    finally:
+        if args.mixed_precision:
+            keras.mixed_precision.set_global_policy("float32")
+    if rows:
+        table = pd.DataFrame(rows)
+        log.info("\n" + table.to_string(index=False))
+        return table
+    if not args.models:
+        raise CatDogError("no --models given")
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    helper.run_cli(main, parse_args())

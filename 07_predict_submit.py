@@ -1,0 +1,87 @@
+"""Step 7: predict the test images with the best model and write the Kaggle submission.
+
+By default the model is hyperopt's best if there is one, else the best merged model, else the best
+single head (lowest val_loss in their results.csv). Predictions are clipped to [0.005, 0.995]: a
+confident mistake costs far more log loss than confidence gains. --analyze shows the worst-predicted
+labelled images, like the report's section IV.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import helper
+from helper import CLASSES, CatDogError, log
+
+
+def parse_args(argv=None):
+    p = helper.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--model", help="a saved .keras model (default: the best one found under --model-dir)")
+    p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
+    p.add_argument("--clip-low", type=float, default=helper.CLIP[0], help="lowest probability submitted")
+    p.add_argument("--clip-high", type=float, default=helper.CLIP[1], help="highest probability submitted")
+    p.add_argument("--analyze", action="store_true",
+                   help="also rank labelled images by |label - prediction| into model/analysis/")
+    p.add_argument("--top", type=int, default=20, help="images in the --analyze grid")
+    return p.parse_args(argv)
+
+
+def pick_model(model_dir: Path) -> tuple[Path, str]:
+    """The model to submit and why it was chosen."""
+    best = model_dir / "hyperopt" / "best.keras"
+    if best.is_file():
+        return best, "hyperopt's best model (the report's final step)"
+    for step, what in (("merge", "merged model"), ("single", "single-backbone head")):
+        results = model_dir / step / "results.csv"
+        if results.is_file():
+            df = pd.read_csv(results)
+            df = df[[(model_dir / step / f"{m}.keras").is_file() for m in df.model]]
+            if len(df):
+                row = df.loc[df.val_loss.idxmin()]
+                return (model_dir / step / f"{row.model}.keras",
+                        f"the {what} with the lowest val_loss in {results} ({row.val_loss:.5f})")
+    raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
+
+
+def analyze(model, feats: helper.Features, data_dir: Path, out_dir: Path, top: int, clip) -> pd.DataFrame:
+    """Rank the labelled images by |label - prediction|: worst.csv (top 100) and a grid of the top images."""
+    from PIL import Image
+    probs = helper.predict(model, feats.train)
+    err = np.abs(feats.labels - probs)
+    order = np.argsort(-err, kind="stable")
+    df = pd.DataFrame({"filename": feats.train_files[order], "label": feats.labels[order].astype(int),
+                       "prediction": probs[order], "error": err[order],
+                       "subset": np.where(feats.valid[order], "valid", "train")})
+    helper.write_csv(df.head(100), out_dir / "worst.csv")
+    plt = helper._pyplot()
+    cols = 5
+    rows = max(1, int(np.ceil(min(top, len(df)) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, r in zip(axes.ravel(), df.head(top).itertuples(), strict=False):  # grid may have spare cells
+        with Image.open(data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(f"{CLASSES[r.label]}_{helper.parse_train_name(r.filename)[1]}_{r.prediction:.4f}", fontsize=9)
+    helper.save_figure(fig, out_dir / "worst.png")
+    yv, pv = feats.labels[feats.valid], probs[feats.valid]
+    log.info(f"val log loss: {helper.log_loss(yv, pv):.5f} raw, {helper.log_loss(yv, pv, clip):.5f} clipped to {clip}")
+    return df
+
+
+def main(args):
+    path, why = (Path(args.model), "given by --model") if args.model else pick_model(Path(args.model_dir))
+    log.info(f"model: {path} ({why})")
+    model, meta = helper.load_model(path)
+    parts = ("train", "test") if args.analyze else ("test",)
+    feats = helper.load_features(meta["features"], args.data_dir, parts=parts)
+    clip = (args.clip_low, args.clip_high)
+    sub = helper.submit(model, feats, args.output, clip)
+    if args.analyze:
+        analyze(model, feats, Path(args.data_dir), Path(args.model_dir) / "analysis", args.top, clip)
+    return sub
+
+
+if __name__ == "__main__":
+    helper.run_cli(main, parse_args())

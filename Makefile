@@ -1,0 +1,24 @@
+# `make demo`: the whole pipeline on generated data, random weights and small images (a few minutes on 2 CPUs).
+# Everything it writes stays under demo/ so it never touches real data, models or submissions.
+PY ?= python
+DEMO := demo
+D := --data-dir $(DEMO)/data --model-dir $(DEMO)/model
+HEAD := --batch-size 16
+
+.PHONY: demo test lint clean-demo
+demo:
+	$(PY) 01_reorganize_data.py $(D) --demo 50
+	$(PY) 02_extract_features.py $(D) --weights none --image-size 75 --models ResNet50 InceptionV3 Xception
+	$(PY) 03_train_single.py $(D) $(HEAD) --submissions-dir $(DEMO)/submissions
+	$(PY) 05_train_merge.py $(D) $(HEAD) --combos
+	$(PY) 07_predict_submit.py $(D) --output $(DEMO)/submissions/submission.csv --analyze
+	@echo "demo done: $(DEMO)/submissions/submission.csv"
+
+test:
+	$(PY) -m pytest -q
+
+lint:
+	ruff check .
+
+clean-demo:
+	rm -rf $(DEMO)

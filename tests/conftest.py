@@ -1,0 +1,60 @@
+"""Shared fixtures: the numbered scripts loaded as modules, and demo datasets run through the pipeline."""
+
+import importlib.util
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SCRIPTS = {p.stem.split("_", 1)[0]: p for p in ROOT.glob("0[0-9]_*.py")}
+_loaded = {}
+
+# Small images keep the CNNs fast on 2 cores; batch 16 gives the heads several steps per epoch on ~50 rows.
+IMAGE_SIZE = "75"
+HEAD = ["--batch-size", "16"]
+
+
+def script(number: str):
+    """The numbered script `number` ('01'...'07') as a module."""
+    if number not in _loaded:
+        spec = importlib.util.spec_from_file_location(f"script_{number}", SCRIPTS[number])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _loaded[number] = module
+    return _loaded[number]
+
+
+def run(number: str, *argv):
+    """Call a script's main() the way its command line would."""
+    module = script(number)
+    return module.main(module.parse_args([str(a) for a in argv]))
+
+
+def jpeg_bytes(mode="RGB", size=(60, 40), fmt="JPEG") -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new(mode, size, color=(120 if mode != "CMYK" else (10, 20, 30, 40)) if mode != "RGB" else (200, 100, 50)
+              ).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """01 --demo, 02 (three backbones), 03, 05 --combos and 07 --analyze, run once for the session."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data, models, subs = root / "data", root / "model", root / "submissions"
+    d = ["--data-dir", data, "--model-dir", models]
+    out = {"root": root, "data": data, "model": models, "subs": subs}
+    out["split"] = run("01", *d, "--demo", 30)["split"]
+    out["extract"] = run("02", *d, "--weights", "none", "--image-size", IMAGE_SIZE,
+                         "--models", "ResNet50", "InceptionV3", "Xception")
+    out["single"] = run("03", *d, *HEAD, "--submissions-dir", subs)
+    out["merge"] = run("05", *d, *HEAD, "--combos")
+    out["submission"] = run("07", *d, "--output", subs / "submission.csv", "--analyze")
+    return out
