@@ -1,0 +1,193 @@
+"""02_extract_features.py, the backbone registry and the feature cache."""
+
+import logging
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import IMAGE_SIZE, run
+
+import helper
+from helper import CatDogError
+
+
+@pytest.mark.parametrize("name", list(helper.BACKBONES))
+def test_backbone_builds_at_smallest_size(name):
+    bb = helper.BACKBONES[name]
+    model = bb.build("none", bb.min_size)
+    assert tuple(model.output.shape) == (None, bb.width)
+    with pytest.raises(CatDogError, match=f">= {bb.min_size}"):
+        bb.build("none", bb.min_size - 1)
+
+
+@pytest.mark.parametrize("name", list(helper.BACKBONES))
+def test_registry_preprocess_matches_keras(name):
+    import keras
+    bb = helper.BACKBONES[name]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    original = x.copy()
+    expected = getattr(keras.applications, bb.module).preprocess_input(x.copy())
+    got = bb.preprocess(x)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+    assert np.array_equal(x, original), "preprocess must not edit the caller's array"
+    caffe = bb.name in ("ResNet50", "VGG16")
+    assert (np.asarray(got).min() < -1) == caffe  # caffe subtracts means; the Inception family maps to [-1, 1]
+
+
+def test_xception_split_layer_is_found_by_type():
+    bb = helper.BACKBONES["Xception"]
+    names = {bb.split_layer_name(bb.build("none", 71)) for _ in range(2)}
+    assert len(names) == 2 and all(n.startswith("add") for n in names)  # numbered per session, found anyway
+
+
+def test_weights_folder_without_the_file_says_which_file(tmp_path):
+    with pytest.raises(CatDogError, match="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        helper.BACKBONES["ResNet50"].build(str(tmp_path), 32)
+    assert helper.resolve_weights("none", helper.BACKBONES["VGG16"]) is None
+    assert helper.resolve_weights("imagenet", helper.BACKBONES["VGG16"]) == "imagenet"
+
+
+def test_feature_files_are_aligned_and_described(pipeline):
+    data, split = pipeline["data"], pipeline["split"]
+    for name in ("ResNet50", "InceptionV3", "Xception"):
+        with h5py.File(data / "features" / f"{name}.h5", "r") as f:
+            assert f["train"].shape == (len(split), helper.BACKBONES[name].width)
+            assert f["train"].dtype == np.float32 and f["test"].dtype == np.float32
+            assert f["train_files"][:].astype(str).tolist() == split.filename.tolist()
+            assert f["label"][:].tolist() == split.label.tolist()
+            assert f["test_ids"][:].tolist() == list(range(1, f["test"].shape[0] + 1))
+            a = dict(f.attrs)
+            assert a["complete"] and a["backbone"] == name and a["image_size"] == int(IMAGE_SIZE)
+            assert a["weights"] == "none" and a["interpolation"] == "bilinear" and a["seed"] == 2018
+            assert a["keras"].startswith("3.") and a["tensorflow"]
+            assert np.isfinite(f["train"][:]).all()
+    table = pipeline["extract"]
+    assert table.backbone.tolist() == ["ResNet50", "InceptionV3", "Xception"]
+    assert (table.images == len(split) + 15).all()
+
+
+def test_features_equal_a_direct_predict(pipeline):
+    import keras
+    import tensorflow as tf
+    data = pipeline["data"]
+    bb = helper.BACKBONES["ResNet50"]
+    keras.utils.set_random_seed(2018)  # 02 seeds the random init the same way
+    model = bb.build("none", int(IMAGE_SIZE))
+    row = 7
+    name, label = pipeline["split"].filename[row], pipeline["split"].label[row]
+    raw = tf.io.read_file(str(data / "train2" / helper.CLASSES[label] / name))
+    img = helper._decode_resized(raw, int(IMAGE_SIZE), "bilinear", False).numpy()[None]
+    direct = model.predict(bb.preprocess(img), verbose=0)[0]
+    with h5py.File(data / "features" / "ResNet50.h5", "r") as f:
+        np.testing.assert_allclose(f["train"][row], direct, atol=1e-4, rtol=1e-4)
+
+
+def test_jpeg_draft_decodes_large_images_at_reduced_scale(pipeline):
+    import tensorflow as tf
+    path = str(pipeline["data"] / "train2" / "cat" / "cat.0.jpg")  # 1100 x 800
+    raw = tf.io.read_file(path)
+    full = helper._decode_resized(raw, 75, "bilinear", False).numpy()
+    draft = helper._decode_resized(raw, 75, "bilinear", True).numpy()
+    assert full.shape == draft.shape == (75, 75, 3)
+    assert 0 < np.abs(full - draft).mean() < 5  # close, not identical: libjpeg scaled the DCT
+    png = tf.constant(open(path, "rb").read())
+    assert helper._decode_resized(png, 75, "bilinear", True).shape == (75, 75, 3)
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    run("01", "--data-dir", tmp_path, "--demo", 6)
+    return tmp_path
+
+
+def extract(data, *extra):
+    return run("02", "--data-dir", data, "--weights", "none", "--image-size", 32, "--models", "VGG16",
+               "--batch-size", 4, *extra)
+
+
+def test_rerun_skips_complete_files(small_data, caplog):
+    extract(small_data)
+    path = small_data / "features" / "VGG16.h5"
+    stamp = os.stat(path).st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="catdog"):
+        extract(small_data)
+    assert "skipped" in caplog.text and os.stat(path).st_mtime_ns == stamp
+    extract(small_data, "--interpolation", "nearest")  # other settings: redone, not silently reused
+    with h5py.File(path, "r") as f:
+        assert f.attrs["interpolation"] == "nearest"
+
+
+def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(small_data, monkeypatch):
+    calls = {"n": 0}
+    real_append = helper.FeatureWriter.append
+
+    def dying_append(self, part, rows):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        real_append(self, part, rows)
+
+    monkeypatch.setattr(helper.FeatureWriter, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        extract(small_data)
+    path = small_data / "features" / "VGG16.h5"
+    assert helper.feature_file_state(path) is None and not path.exists()
+    assert not list(path.parent.glob(".*partial"))
+    monkeypatch.setattr(helper.FeatureWriter, "append", real_append)
+    extract(small_data)
+    assert helper.feature_file_state(path)["complete"]
+
+
+def test_hard_kill_leftover_is_not_mistaken_for_complete(small_data):
+    path = small_data / "features" / "VGG16.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:  # what a file without the final attribute looks like
+        f["train"] = np.zeros((3, 512), np.float32)
+    assert helper.feature_file_state(path) is None
+    with pytest.raises(CatDogError, match="missing or incomplete"):
+        helper.load_features(["VGG16"], small_data)
+    extract(small_data)
+    assert helper.load_features(["VGG16"], small_data).train[0].shape == (12, 512)
+
+
+def test_load_features_refuses_a_file_from_another_split(small_data):
+    extract(small_data)
+    ex = small_data / "ex.txt"
+    ex.write_text("cat.2.jpg\n")
+    run("01", "--data-dir", small_data, "--exclude", ex)
+    with pytest.raises(CatDogError, match="do not match the order of split.csv"):
+        helper.load_features(["VGG16"], small_data)
+
+
+def test_load_features_refuses_misaligned_test_ids(small_data):
+    extract(small_data)
+    run("02", "--data-dir", small_data, "--weights", "none", "--image-size", 32, "--models", "ResNet50")
+    with h5py.File(small_data / "features" / "ResNet50.h5", "r+") as f:
+        f["test_ids"][0] = 99
+    with pytest.raises(CatDogError, match="test ids differ"):
+        helper.load_features(["VGG16", "ResNet50"], small_data)
+
+
+def test_undecodable_image_is_named(small_data):
+    (small_data / "train" / "dog.3.jpg").write_bytes(b"garbage after 01 checked it")
+    with pytest.raises(CatDogError, match="cannot decode .*dog.3.jpg"):
+        extract(small_data)
+    assert not (small_data / "features" / "VGG16.h5").exists()
+
+
+def test_missing_split_says_run_01(tmp_path):
+    with pytest.raises(CatDogError, match="run 01_reorganize_data.py"):
+        extract(tmp_path)
+
+
+def test_mixed_precision_features_are_close(small_data):
+    extract(small_data)
+    ref = helper.load_features(["VGG16"], small_data).train[0]
+    extract(small_data, "--force", "--mixed-precision")
+    import keras
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+    got = helper.load_features(["VGG16"], small_data).train[0]
+    np.testing.assert_allclose(got, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+    assert pd.notna(got).all()
