@@ -70,7 +70,8 @@ def main(args):
             with strategy.scope():
                 model = bb.build(args.weights, settings.image_size)
             start = time.perf_counter()
-            n = helper.extract_to_file(model, bb.preprocess, args.data_dir, path, settings,
+            step = helper.make_extract_step(model, bb.preprocess, strategy)
+            n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, settings,
                                        {"backbone": name, "mixed_precision": args.mixed_precision},
                                        strategy=strategy)
             secs = time.perf_counter() - start

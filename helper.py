@@ -138,6 +138,9 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+DECODABLE = ("JPEG", "PNG", "GIF")  # what tf.io.decode_jpeg reads
+
+
 def check_image(path: str | Path) -> dict:
     """Header size, format and mode of an image, and `problem` (empty when usable).
 
@@ -159,6 +162,8 @@ def check_image(path: str | Path) -> dict:
         info["problem"] = "not an image (no known image format)"
     except (OSError, SyntaxError, ValueError) as e:
         info["problem"] = f"corrupt or truncated image ({e})"
+    if not info["problem"] and info["format"] not in DECODABLE:
+        info["problem"] = f"{info['format']} content: the pipeline decodes only JPEG, PNG and GIF"
     if not info["problem"]:
         notes = []
         if info["format"] != "JPEG":
@@ -320,7 +325,8 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
     import tensorflow as tf
 
     def full():
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
+        # decode_jpeg's kernel also decodes PNG and GIF, and skips decode_image's Python-side format switch.
+        return tf.io.decode_jpeg(data, channels=3)
 
     def draft():
         shape = tf.image.extract_jpeg_shape(data)
@@ -541,28 +547,34 @@ def image_parts(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]
     return split, {"train": train_image_paths(data_dir, split), "test": test_paths}, ids
 
 
-def extract_to_file(model, preprocess, data_dir: str | Path, out_path: Path, settings: ExtractSettings,
-                    attrs: dict, dtype: str = "float32", strategy=None) -> int:
-    """Run every train2 and test2 image through `model` into an HDF5 feature file, batch by batch.
-
-    Memory stays flat whatever the image count; the file appears only once complete. Returns images done.
-    """
+def make_extract_step(model, preprocess, strategy=None):
+    """A compiled step: a batch of [0, 255] images -> float32 model outputs, replica-parallel on several GPUs."""
     import tensorflow as tf
-
-    split, parts, ids = image_parts(data_dir)
-    shape = tuple(int(d) for d in model.output.shape[1:])
 
     @tf.function(reduce_retracing=True)  # the last batch is smaller; trace once for any batch size
     def step(x):
         return tf.cast(model(preprocess(x), training=False), tf.float32)
 
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
-        single = step
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return step
 
-        @tf.function
-        def step(x):  # noqa: F811 - a replica-parallel version of the same step
-            return strategy.gather(strategy.run(single, args=(x,)), axis=0)
+    @tf.function(reduce_retracing=True)
+    def distributed_step(x):
+        return strategy.gather(strategy.run(step, args=(x,)), axis=0)
 
+    return distributed_step
+
+
+def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path,
+                    settings: ExtractSettings, attrs: dict, dtype: str = "float32", strategy=None) -> int:
+    """Run every train2 and test2 image through `step` (see make_extract_step) into an HDF5 file, batch by batch.
+
+    `shape` is one output row's shape. Memory stays flat whatever the image count; the file appears
+    only once complete. Returns the number of images done.
+    """
+    import tensorflow as tf
+
+    split, parts, ids = image_parts(data_dir)
     writer = FeatureWriter(out_path, split.filename, split.label, ids, shape, dtype,
                            {**settings.attrs(), **attrs, **versions()})
     try:
