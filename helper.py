@@ -339,7 +339,8 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
 
     img = tf.cond(tf.io.is_jpeg(data), draft, full) if jpeg_draft else full()
     img = tf.image.resize(img, (size, size), method=interpolation, antialias=interpolation != "nearest")
-    return tf.ensure_shape(img, (size, size, 3))
+    # 'nearest' keeps uint8, which the Inception family's preprocess (x /= 127.5) rejects.
+    return tf.ensure_shape(tf.cast(img, tf.float32), (size, size, 3))
 
 
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolation: str = "bilinear",
@@ -551,7 +552,8 @@ def make_extract_step(model, preprocess, strategy=None):
     """A compiled step: a batch of [0, 255] images -> float32 model outputs, replica-parallel on several GPUs."""
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)  # the last batch is smaller; trace once for any batch size
+    # A free batch dimension: the smaller last batch must not trigger a second trace of the whole CNN.
+    @tf.function(input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)])
     def step(x):
         return tf.cast(model(preprocess(x), training=False), tf.float32)
 
@@ -858,6 +860,62 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path,
 def submit(model, feats: Features, path: str | Path, clip: tuple[float, float] = CLIP) -> pd.DataFrame:
     """Predict the test rows of `feats` and write the clipped, validated Kaggle CSV."""
     return write_submission(feats.test_ids, predict(model, feats.test), path, clip)
+
+
+# =============================================================================
+# kopt compatibility
+# =============================================================================
+# kopt 0.1.0 (the report's HyperOpt wrapper) was written for Keras 2 and PyYAML 5. import_kopt() patches
+# the three places where it breaks on Keras 3 / PyYAML 6; tests/test_hyperopt.py runs CompileFN end to
+# end so an upgrade that breaks it fails CI.
+#  1. kopt.config reads ~/.kopt/config.yaml with yaml.load() and no Loader, which PyYAML 6 rejects on the
+#     second import. It is imported with a safe default Loader, and with HOME pointed at `config_dir`
+#     so the file lands under --model-dir, not in the user's home folder.
+#  2. kopt.hyopt.eval_model zips model.metrics_names (Keras 3: ['loss', 'compile_metrics']) with
+#     evaluate()'s values, mislabelling metrics: replaced by evaluate(return_dict=True).
+#  3. CompileFN checkpoints to '<uuid>.h5', which Keras 3 writes in its legacy HDF5 format: the path
+#     is rewritten to '<uuid>.keras'.
+
+def _kopt_eval_model(model, test, add_eval_metrics={}):  # noqa: B006 - kopt's own signature
+    """kopt's eval_model with metrics named by Keras itself."""
+    metrics = model.evaluate(test[0], test[1], verbose=0, batch_size=len(test[1]), return_dict=True)
+    y_pred = model.predict(test[0], verbose=0)
+    extra = {k: fn(test[1], y_pred) for k, fn in add_eval_metrics.items() if k not in metrics}
+    return {**{k: float(v) for k, v in metrics.items()}, **extra}
+
+
+def import_kopt(config_dir: str | Path):
+    """kopt, imported and patched for Keras 3 and PyYAML 6 (see above); returns the module."""
+    import functools
+
+    import keras
+    import yaml
+
+    config_dir = Path(config_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    if "kopt" not in sys.modules:
+        real_load, home = yaml.load, os.environ.get("HOME")
+        yaml.load = functools.partial(real_load, Loader=yaml.SafeLoader)
+        os.environ["HOME"] = str(config_dir)
+        try:
+            import kopt
+        finally:
+            yaml.load = real_load
+            if home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = home
+    import kopt
+    import kopt.hyopt
+
+    class KerasCheckpoint(keras.callbacks.ModelCheckpoint):
+        def __init__(self, filepath, *args, **kwargs):
+            super().__init__(re.sub(r"\.h5$", ".keras", filepath), *args, **kwargs)
+
+    kopt.hyopt.eval_model = _kopt_eval_model
+    kopt.hyopt.ModelCheckpoint = KerasCheckpoint
+    kopt.config.set_save_dir(str(config_dir))
+    return kopt
 
 
 # =============================================================================

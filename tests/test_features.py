@@ -191,3 +191,13 @@ def test_mixed_precision_features_are_close(small_data):
     got = helper.load_features(["VGG16"], small_data).train[0]
     np.testing.assert_allclose(got, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
     assert pd.notna(got).all()
+
+
+@pytest.mark.parametrize("interpolation", helper.INTERPOLATIONS)
+def test_every_interpolation_feeds_the_inception_preprocess(pipeline, interpolation):
+    import tensorflow as tf
+    raw = tf.io.read_file(str(pipeline["data"] / "train2" / "dog" / "dog.1.jpg"))  # the grayscale one
+    img = helper._decode_resized(raw, 75, interpolation, False)
+    assert img.dtype == tf.float32 and img.shape == (75, 75, 3)
+    x = helper.BACKBONES["InceptionV3"].preprocess(img[None])
+    assert -1 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
