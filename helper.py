@@ -403,6 +403,8 @@ class Backbone:
             raise CatDogError(f"{self.name} needs --image-size >= {self.min_size}, got {size}")
         ctor = getattr(keras.applications, self.constructor)
         w = resolve_weights(weights, self)
+        if w is None:
+            return ctor(include_top=False, weights=None, input_shape=(size, size, 3), pooling=pooling)
         try:
             return ctor(include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling)
         except Exception as e:  # a download failure surfaces as various exception types
@@ -741,8 +743,7 @@ def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelt
 def train_run(name: str, model, feats: Features, out_dir: Path, log_dir: Path, args: argparse.Namespace,
               meta: dict, callbacks: Sequence = ()) -> tuple[dict, pd.DataFrame]:
     """Fit, then save `<name>.keras`, its sidecar and `<name>.history.csv` in `out_dir`; returns (row, history)."""
-    hist = fit_head(model, feats, args.epochs, args.batch_size, log_dir, args.seed, callbacks,
-                    verbose=2 if args.verbose else 0)
+    hist = fit_head(model, feats, args.epochs, args.batch_size, log_dir, args.seed, callbacks)
     write_csv(hist, out_dir / f"{name}.history.csv")
     save_model(model, out_dir / f"{name}.keras", {"features": feats.names, "seed": args.seed,
                                                   "feature_attrs": feats.attrs, **meta})
