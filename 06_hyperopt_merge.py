@@ -117,10 +117,10 @@ def plot_trials(df: pd.DataFrame, path: Path) -> None:
 def main(args):
     from hyperopt import fmin, tpe
 
-    out_dir = Path(args.model_dir) / "hyperopt"
-    kopt = helper.import_kopt(out_dir / "kopt")
     if len(set(args.models)) < 2:
         raise CatDogError("--models needs at least two different backbones to merge")
+    out_dir = Path(args.model_dir) / "hyperopt"
+    kopt = helper.import_kopt(out_dir / "kopt")
     space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed)
     data = make_data_fn(str(args.data_dir))
     data(tuple(args.models))  # fail early, with a clear message, on missing features

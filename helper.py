@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -403,11 +404,12 @@ class Backbone:
             raise CatDogError(f"{self.name} needs --image-size >= {self.min_size}, got {size}")
         ctor = getattr(keras.applications, self.constructor)
         w = resolve_weights(weights, self)
-        if w is None:
-            return ctor(include_top=False, weights=None, input_shape=(size, size, 3), pooling=pooling)
+        build = functools.partial(ctor, include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling)
         try:
-            return ctor(include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling)
+            return build()
         except Exception as e:  # a download failure surfaces as various exception types
+            if w is None:  # no weights were loaded: not a weights problem
+                raise
             if w != "imagenet":
                 raise CatDogError(f"could not load {self.name} weights from {w}: {e}") from e
             raise CatDogError(
@@ -879,16 +881,16 @@ def submit(model, feats: Features, path: str | Path, clip: tuple[float, float] =
 
 def _kopt_eval_model(model, test, add_eval_metrics={}):  # noqa: B006 - kopt's own signature
     """kopt's eval_model with metrics named by Keras itself."""
-    metrics = model.evaluate(test[0], test[1], verbose=0, batch_size=len(test[1]), return_dict=True)
-    y_pred = model.predict(test[0], verbose=0)
-    extra = {k: fn(test[1], y_pred) for k, fn in add_eval_metrics.items() if k not in metrics}
-    return {**{k: float(v) for k, v in metrics.items()}, **extra}
+    metrics = {k: float(v) for k, v in
+               model.evaluate(test[0], test[1], verbose=0, batch_size=len(test[1]), return_dict=True).items()}
+    if add_eval_metrics:  # a second pass over the validation set only when extra metrics need predictions
+        y_pred = model.predict(test[0], verbose=0)
+        metrics.update({k: fn(test[1], y_pred) for k, fn in add_eval_metrics.items() if k not in metrics})
+    return metrics
 
 
 def import_kopt(config_dir: str | Path):
     """kopt, imported and patched for Keras 3 and PyYAML 6 (see above); returns the module."""
-    import functools
-
     import keras
     import yaml
 

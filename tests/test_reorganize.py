@@ -44,8 +44,7 @@ def test_split_is_stratified_and_seeded():
 def test_split_is_stable_across_runs():
     # A fixed expectation: numpy's PCG64 is stable across versions and machines.
     got = np.flatnonzero(helper.stratified_split([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 0.4, seed=2018))
-    assert got.tolist() == np.flatnonzero(helper.stratified_split([0] * 5 + [1] * 5, 0.4, 2018)).tolist()
-    assert len(got) == 4 and (got < 5).sum() == 2
+    assert got.tolist() == [0, 3, 6, 7]
 
 
 @pytest.mark.parametrize("frac", [0, 1, -0.1, 1.5])
