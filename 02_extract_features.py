@@ -7,7 +7,6 @@ A complete file made with the same settings is skipped, so an interrupted run re
 
 import time
 
-import numpy as np
 import pandas as pd
 
 import helper
@@ -31,21 +30,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def up_to_date(path, settings: helper.ExtractSettings, split: pd.DataFrame) -> str:
-    """Why an existing file must be redone, or '' when it can be kept."""
-    import h5py
-    state = helper.feature_file_state(path)
-    if state is None:
-        return "missing" if not path.exists() else "incomplete"
-    changed = [k for k, v in settings.attrs().items() if k != "seed" and state.get(k) != v]
-    if changed:
-        return "made with other settings (" + ", ".join(f"{k}={state.get(k)}" for k in changed) + ")"
-    with h5py.File(path, "r") as f:
-        if not np.array_equal(f["train_files"][:].astype(str), split.filename.to_numpy(str)):
-            return "made for another split.csv"
-    return ""
-
-
 def main(args):
     import keras
     import tensorflow as tf
@@ -61,7 +45,7 @@ def main(args):
             settings = helper.ExtractSettings(args.image_size or bb.size, args.batch_size, args.interpolation,
                                               args.jpeg_draft, args.weights, args.seed)
             path = helper.feature_path(args.data_dir, name)
-            reason = "forced" if args.force else up_to_date(path, settings, split)
+            reason = "forced" if args.force else helper.stale_reason(path, settings, split)
             if not reason:
                 log.info(f"{path} is complete with these settings: skipped (--force recomputes)")
                 continue

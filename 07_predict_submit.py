@@ -44,10 +44,26 @@ def pick_model(model_dir: Path) -> tuple[Path, str]:
     raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
 
 
-def analyze(model, feats: helper.Features, data_dir: Path, out_dir: Path, top: int, clip) -> pd.DataFrame:
+def predictions(model, meta: dict, data_dir: Path, parts: tuple[str, ...]) -> tuple[helper.Features, dict]:
+    """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`.
+
+    Heads read their feature files; a split fine-tuned model streams its maps file (too big for RAM);
+    a model fine-tuned end to end (--mode full in 04) reads the images themselves.
+    """
+    if meta.get("kind") == "finetune_full":
+        split, paths, ids = helper.image_parts(data_dir)
+        feats = helper.Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
+                                (split.subset == "valid").to_numpy(), [], ids, [], [])
+        return feats, {part: helper.predict_images(model, paths[part], meta) for part in parts}
+    streamed = any(name.endswith("_maps") for name in meta["features"])
+    feats = helper.load_features(meta["features"], data_dir, parts=() if streamed else parts)
+    return feats, {part: feats.predict(model, part) for part in parts}
+
+
+def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: Path, top: int,
+            clip) -> pd.DataFrame:
     """Rank the labelled images by |label - prediction|: worst.csv (top 100) and a grid of the top images."""
     from PIL import Image
-    probs = helper.predict(model, feats.train)
     err = np.abs(feats.labels - probs)
     order = np.argsort(-err, kind="stable")
     df = pd.DataFrame({"filename": feats.train_files[order], "label": feats.labels[order].astype(int),
@@ -75,11 +91,11 @@ def main(args):
     log.info(f"model: {path} ({why})")
     model, meta = helper.load_model(path)
     parts = ("train", "test") if args.analyze else ("test",)
-    feats = helper.load_features(meta["features"], args.data_dir, parts=parts)
+    feats, probs = predictions(model, meta, Path(args.data_dir), parts)
     clip = (args.clip_low, args.clip_high)
-    sub = helper.submit(model, feats, args.output, clip)
+    sub = helper.write_submission(feats.test_ids, probs["test"], args.output, clip)
     if args.analyze:
-        analyze(model, feats, Path(args.data_dir), Path(args.model_dir) / "analysis", args.top, clip)
+        analyze(probs["train"], feats, Path(args.data_dir), Path(args.model_dir) / "analysis", args.top, clip)
     return sub
 
 

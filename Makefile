@@ -10,6 +10,7 @@ demo:
 	$(PY) 01_reorganize_data.py $(D) --demo 50
 	$(PY) 02_extract_features.py $(D) --weights none --image-size 75 --models ResNet50 InceptionV3 Xception
 	$(PY) 03_train_single.py $(D) $(HEAD) --submissions-dir $(DEMO)/submissions
+	$(PY) 04_finetune_split.py $(D) --weights none --image-size 75 $(HEAD) --init all --epochs 10
 	$(PY) 05_train_merge.py $(D) $(HEAD) --combos
 	$(PY) 06_hyperopt_merge.py $(D) $(HEAD) --max-evals 3 --epochs 20
 	$(PY) 07_predict_submit.py $(D) --output $(DEMO)/submissions/submission.csv --analyze

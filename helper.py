@@ -345,21 +345,50 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
 
 
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolation: str = "bilinear",
-                  jpeg_draft: bool = False, augment=None):
+                  jpeg_draft: bool = False, labels: Sequence[float] | None = None, shuffle_seed: int | None = None,
+                  augment=None, preprocess=None):
     """tf.data pipeline: parallel read + decode + resize, batched and prefetched, float32 in [0, 255].
 
-    Order is kept (deterministic map), so batch k holds paths[k*batch_size:(k+1)*batch_size].
-    `augment`, if given, is applied to each batch (training only).
+    Order is kept (deterministic map), so batch k holds paths[k*batch_size:(k+1)*batch_size], unless
+    `shuffle_seed` is given (a new seeded order each epoch). With `labels` it yields (images, labels).
+    `augment` (training only) and then `preprocess` are applied to each batch.
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    ds = ds.map(lambda p: _decode_resized(tf.io.read_file(p), size, interpolation, jpeg_draft),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def load(p):
+        return _decode_resized(tf.io.read_file(p), size, interpolation, jpeg_draft)
+
+    if labels is None:
+        ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.float32)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    def on_images(fn):  # apply fn to the images of an element, whether or not it carries labels
+        return lambda x, *y: (fn(x), *y) if y else fn(x)
+
+    ds = ds.map(on_images(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(on_images(lambda x: augment(x, training=True)), num_parallel_calls=tf.data.AUTOTUNE)
+    if preprocess is not None:
+        ds = ds.map(on_images(preprocess), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation(seed: int):
+    """Random flip, rotation, zoom, shift and shear as Keras preprocessing layers, for training images only.
+
+    Ranges are those of Keras's own cats-vs-dogs example (rotation 40 degrees, 20% zoom/shift/shear).
+    """
+    import keras
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(40 / 360, seed=seed + 1),
+        keras.layers.RandomZoom(0.2, seed=seed + 2),
+        keras.layers.RandomTranslation(0.2, 0.2, seed=seed + 3),
+        keras.layers.RandomShear(0.2, 0.2, seed=seed + 4),
+    ], name="augment")
 
 
 def find_undecodable(paths: Sequence[str], size: int, interpolation: str) -> str | None:
@@ -552,6 +581,24 @@ def image_parts(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]
     return split, {"train": train_image_paths(data_dir, split), "test": test_paths}, ids
 
 
+def stale_reason(path: Path, settings: ExtractSettings, split: pd.DataFrame, attrs: dict | None = None) -> str:
+    """Why an existing feature file must be redone ('missing', 'incomplete', other settings or split),
+    or '' when it can be kept. `attrs` are further attributes that must match."""
+    import h5py
+    state = feature_file_state(path)
+    if state is None:
+        return "missing" if not path.exists() else "incomplete"
+    wanted = {**settings.attrs(), **(attrs or {})}
+    # The seed only changes features made from random weights.
+    changed = [k for k, v in wanted.items() if state.get(k) != v and (k != "seed" or wanted.get("weights") == "none")]
+    if changed:
+        return "made with other settings (" + ", ".join(f"{k}={state.get(k)}" for k in changed) + ")"
+    with h5py.File(path, "r") as f:
+        if not np.array_equal(f["train_files"][:].astype(str), split.filename.to_numpy(str)):
+            return "made for another split.csv"
+    return ""
+
+
 def make_extract_step(model, preprocess, strategy=None):
     """A compiled step: a batch of [0, 255] images -> float32 model outputs, replica-parallel on several GPUs."""
     import tensorflow as tf
@@ -623,11 +670,29 @@ class Features:
     test: list[np.ndarray]
     test_ids: np.ndarray
     attrs: list[dict]
+    paths: list[Path]
 
     def part(self, subset: str) -> tuple[list[np.ndarray], np.ndarray]:
         """(inputs, labels) of the 'train' or 'valid' rows."""
         mask = self.valid if subset == "valid" else ~self.valid
         return [x[mask] for x in self.train], self.labels[mask]
+
+    def predict(self, model, part: str, batch_size: int = 256) -> np.ndarray:
+        """Dog probabilities of the 'train' or 'test' rows, from the loaded matrices or, when that part was
+        not loaded (maps files are too big for RAM), streamed from the files in contiguous slices."""
+        loaded = self.train if part == "train" else self.test
+        if loaded:
+            return predict(model, loaded)
+        import h5py
+        files = [h5py.File(p, "r") for p in self.paths]
+        try:
+            n = files[0][part].shape[0]
+            out = [np.asarray(model.predict_on_batch(model_inputs([f[part][s:s + batch_size] for f in files])))
+                   for s in _progress(range(0, n, batch_size), f"predict {part}")]
+        finally:
+            for f in files:
+                f.close()
+        return np.concatenate(out).ravel() if out else np.zeros(0, np.float32)
 
 
 def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Iterable[str] = ("train", "test"),
@@ -637,13 +702,14 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
     split = read_split(data_dir)
     out = {"train": [], "test": []}
     labels = train_files = test_ids = None
-    attrs = []
+    attrs, paths = [], []
     for name in model_names:
         path = feature_path(data_dir, name)
+        paths.append(path)
         state = feature_file_state(path)
         if state is None:
-            raise CatDogError(f"{path} is missing or incomplete: run 02_extract_features.py --models "
-                              f"{name.split('_')[0]}")
+            step = "04_finetune_split.py" if name.endswith("_maps") else "02_extract_features.py"
+            raise CatDogError(f"{path} is missing or incomplete: run {step} --models {name.split('_')[0]}")
         with h5py.File(path, "r") as f:
             files = f["train_files"][:].astype(str)
             if len(files) != len(split) or not np.array_equal(files, split.filename.to_numpy(str)):
@@ -657,7 +723,7 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
                 out[part].append(f[part][:])
         attrs.append(state)
     return Features(list(model_names), out["train"], labels.astype(np.float32), train_files,
-                    (split.subset == "valid").to_numpy(), out["test"], test_ids, attrs)
+                    (split.subset == "valid").to_numpy(), out["test"], test_ids, attrs, paths)
 
 
 # =============================================================================
@@ -793,6 +859,171 @@ def load_model(path: str | Path):
 
 
 # =============================================================================
+# Fine-tuning (split model, feature maps, frozen BatchNorm)
+# =============================================================================
+
+def split_model(model, layer_name: str):
+    """(extractor, tail): images -> `layer_name`'s output, and that output -> the model's output.
+
+    Both are views over the same layer objects, so the tail trains the full model's own weights.
+    A cut inside a block (a later layer also reading a tensor from before the cut) is refused.
+    """
+    import keras
+    try:
+        cut = model.get_layer(layer_name)
+    except ValueError as e:
+        raise CatDogError(f"{model.name} has no layer {layer_name!r}") from e
+    members = set(map(id, model.layers))
+    after, stack = {}, [cut]  # layers downstream of the cut, by id
+    while stack:
+        for node in stack.pop()._outbound_nodes:
+            op = node.operation
+            if id(op) in members and id(op) not in after:
+                after[id(op)] = op
+                stack.append(op)
+    for layer in after.values():
+        for t in layer._inbound_nodes[0].input_tensors:
+            src = t._keras_history.operation
+            if src is not cut and id(src) not in after:
+                raise CatDogError(f"cannot cut {model.name} at {layer_name}: {layer.name} after the cut also reads "
+                                  f"{src.name} from before it (the cut is inside a block); cut at a block output")
+    extractor = keras.Model(model.input, cut.output, name=f"{model.name}_to_{layer_name}")
+    tail = keras.Model(cut.output, model.output, name=f"{model.name}_from_{layer_name}")
+    return extractor, tail
+
+
+def freeze_batchnorm(model) -> int:
+    """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
+
+    `trainable = False` is what Keras 3 honours during fit(); `training=False` in a functional graph is
+    not (keras-team/keras#20285). Call it after any `trainable = True`, which would turn them back on.
+    Returns how many layers were frozen.
+    """
+    import keras
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bns:
+        layer.trainable = False
+    return len(bns)
+
+
+def set_block_trainable(model, base, block, train_block: bool) -> None:
+    """Only `block`'s layers of `base` train (when `train_block`), everything outside `base` (the head)
+    trains, BatchNorm never does. Recompile the model afterwards."""
+    model.trainable = True
+    inside = set(map(id, block))
+    for layer in base._flatten_layers(include_self=False):
+        layer.trainable = train_block and id(layer) in inside
+    freeze_batchnorm(model)
+
+
+def maps_name(backbone: str, layer: str) -> str:
+    """The feature-cache name of a backbone's maps at its split layer: data/features/<name>.h5."""
+    return f"{backbone}_{layer}_maps"
+
+
+def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
+    """Dog probabilities of images for a model fine-tuned end to end, fed the way it was trained."""
+    bb = get_backbone(meta["backbone"])
+    ds = image_dataset(paths, meta["image_size"], batch_size, meta["interpolation"], preprocess=bb.preprocess)
+    return np.asarray(model.predict(ds, verbose=0)).ravel()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(row for row in f if row.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class MapRows:
+    """Rows of one part of a maps file, read from RAM or, when `in_ram` is False, from HDF5 on demand.
+
+    The HDF5 file is opened lazily (at the first read) so the object can be built cheaply and pickled.
+    """
+
+    def __init__(self, path: Path, part: str = "train", in_ram: bool = False):
+        import h5py
+        self.path, self.part, self.in_ram = Path(path), part, in_ram
+        with h5py.File(self.path, "r") as f:
+            ds = f[part]
+            self.shape, self.dtype = ds.shape, ds.dtype
+            self.array = ds[:] if in_ram else None
+        self._file = self._ds = None
+        self.read_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The maps of `rows` (ascending indices), in that order."""
+        import time
+        start = time.perf_counter()
+        if self.in_ram:
+            out = self.array[rows]
+        else:
+            if self._ds is None:
+                import h5py
+                self._file = h5py.File(self.path, "r")
+                self._ds = self._file[self.part]
+            # Single-row reads over sorted rows: h5py's fancy indexing on the same rows is ~10-30x slower.
+            out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+            for j, i in enumerate(rows):
+                self._ds.read_direct(out, np.s_[int(i)], np.s_[j])
+        self.read_seconds += time.perf_counter() - start
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_ds": None}
+
+
+@functools.cache
+def _map_batches_class():
+    import keras
+
+    class MapBatches(keras.utils.PyDataset):
+        """Batches of (maps, labels) over `rows` of a MapRows; a new seeded permutation each epoch when shuffled.
+
+        Each batch's rows are sorted (order inside a batch does not change a gradient step), so the in-RAM
+        and streaming sources give identical batches and HDF5 reads go forward.
+        """
+
+        def __init__(self, source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int,
+                     shuffle: bool, seed: int):
+            super().__init__()
+            self.source, self.rows, self.labels = source, np.asarray(rows), np.asarray(labels, np.float32)
+            self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+            self.epoch = 0
+            self.order = self._order()
+
+        def _order(self) -> np.ndarray:
+            if not self.shuffle:
+                return np.arange(len(self.rows))
+            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.rows) / self.batch_size)
+
+        def __getitem__(self, k: int):
+            pick = np.sort(self.order[k * self.batch_size:(k + 1) * self.batch_size])
+            # float16 maps go to the model as they are: its input layer casts them, faster than numpy would.
+            return self.source.read(self.rows[pick]), self.labels[pick]
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = self._order()
+
+    return MapBatches
+
+
+def map_batches(source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool,
+                seed: int):
+    """A keras.utils.PyDataset of (maps, labels) batches; see MapBatches."""
+    return _map_batches_class()(source, rows, labels, batch_size, shuffle, seed)
+
+
+# =============================================================================
 # Metrics
 # =============================================================================
 
@@ -862,7 +1093,7 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path,
 
 def submit(model, feats: Features, path: str | Path, clip: tuple[float, float] = CLIP) -> pd.DataFrame:
     """Predict the test rows of `feats` and write the clipped, validated Kaggle CSV."""
-    return write_submission(feats.test_ids, predict(model, feats.test), path, clip)
+    return write_submission(feats.test_ids, feats.predict(model, "test"), path, clip)
 
 
 # =============================================================================
