@@ -5,11 +5,14 @@ objective, Trials and fmin(algo=tpe.suggest). Validation uses split.csv's valid 
 step, so the searched val_loss compares with 03 and 05. Trials are saved after each one under
 model/hyperopt/, so a rerun (with a larger --max-evals) continues where the last one stopped.
 Writes trials.csv, val_loss_by_trial.png, best.keras (07 submits it by default) and TensorBoard runs.
+--spark runs several trials at once with hyperopt's SparkTrials (local cores or a cluster).
 """
 
 import functools
+import os
 import pickle
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=200, help="most epochs per trial")
     p.add_argument("--patience", type=int, default=8, help="early stopping patience on val_loss")
     p.add_argument("--batch-size", type=int, default=128, help="rows per training batch")
+    p.add_argument("--spark", nargs="?", const="local[*]", metavar="MASTER",
+                   help="run trials in parallel with hyperopt's SparkTrials on this Spark master (default "
+                        "local[*]; e.g. spark://host:7077). Needs pip install -r requirements-spark.txt and Java 17+; "
+                        "--data-dir and --model-dir must be paths every worker can read and write")
+    p.add_argument("--parallelism", type=int,
+                   help="--spark: trials run at once (default: Spark's default parallelism)")
     return p.parse_args(argv)
 
 
@@ -56,6 +65,14 @@ def make_data_fn(data_dir: str):
         feats = helper.load_features(list(model_name), data_dir, parts=("train",))
         return feats.part("train"), feats.part("valid")
     return data
+
+
+def make_objective(kopt, data_dir: str, models, out_dir: str, model_fn):
+    """kopt's CompileFN over the report's data() and model(), validated on split.csv's valid rows."""
+    return kopt.CompileFN("merge", "+".join(models), data_fn=make_data_fn(data_dir), model_fn=model_fn,
+                          loss_metric="loss", loss_metric_mode="min",
+                          valid_split=None,  # validate on data()'s second part: split.csv's valid rows
+                          use_tensorboard=True, save_model="best", save_dir=out_dir)
 
 
 def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helper.DEFAULT_SEED):
@@ -102,6 +119,81 @@ def trials_table(trials, space) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def search(objective, space, trials, args, trials_path: Path):
+    """One trial per fmin call, each seeded by its number: reproducible, and saved as soon as it ends."""
+    from hyperopt import fmin, tpe
+    while len(trials.trials) < args.max_evals:
+        start = time.perf_counter()
+        fmin(objective, space, algo=tpe.suggest, trials=trials, max_evals=len(trials.trials) + 1,
+             rstate=np.random.default_rng(args.seed + len(trials.trials)), show_progressbar=False)
+        save_trials(trials, trials_path)
+        r = trials.trials[-1]["result"]
+        log.info(f"trial {len(trials.trials)}/{args.max_evals}: val_loss {r['loss']:.5f} "
+                 f"({time.perf_counter() - start:.0f} s)")
+    return trials
+
+
+def start_spark(master: str):
+    """A Spark session whose workers can unpickle this script's functions and import helper."""
+    try:
+        from pyspark import cloudpickle
+        from pyspark.sql import SparkSession
+    except ImportError as e:
+        raise CatDogError("--spark needs pyspark: pip install -r requirements-spark.txt (Spark also needs "
+                          "Java 17 or later)") from e
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers run this Python (a cluster sets its own)
+    try:
+        spark = SparkSession.builder.master(master).appName("catdog-hyperopt").getOrCreate()
+    except Exception as e:  # pyspark raises bare Exception/RuntimeError when the JVM cannot start
+        raise CatDogError(f"could not start Spark on {master} ({e}); Spark needs Java 17 or later on PATH or "
+                          f"JAVA_HOME") from e
+    spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.addPyFile(str(Path(helper.__file__).resolve()))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this script is not importable on workers
+    return spark
+
+
+def spark_objective(data_dir: str, models, out_dir: str, model_fn):
+    """The objective shipped to Spark workers: each trial imports and patches kopt in its worker before building
+    CompileFN (unpickling a ready CompileFN would import kopt unpatched)."""
+    def run_trial(params):
+        kopt = helper.import_kopt(Path(out_dir) / "kopt")
+        return make_objective(kopt, data_dir, models, out_dir, model_fn)(params)
+    return run_trial
+
+
+def search_spark(objective, space, trials, args, trials_path: Path):
+    """Rounds of `parallelism` trials on Spark, saved after each round (Ctrl-C loses at most the running round)."""
+    from hyperopt import SparkTrials, Trials, fmin, tpe
+    spark = start_spark(args.spark)
+    try:
+        while len(trials.trials) < args.max_evals:
+            start, done = time.perf_counter(), len(trials.trials)
+            spark_trials = SparkTrials(parallelism=args.parallelism, spark_session=spark)
+            spark_trials.insert_trial_docs([dict(t) for t in trials.trials])
+            spark_trials.refresh()
+            target = min(args.max_evals, done + spark_trials.parallelism)
+            fmin(objective, space, algo=tpe.suggest, trials=spark_trials, max_evals=target,
+                 rstate=np.random.default_rng(args.seed + done), show_progressbar=False)
+            failed = [t for t in spark_trials.trials[done:] if t["result"].get("status") != "ok"]
+            for t in failed:
+                log.warning(f"trial {t['tid'] + 1} failed on Spark: {t['misc'].get('error')}")
+            if len(failed) == len(spark_trials.trials) - done:
+                raise CatDogError(f"every trial of this round failed on {args.spark} (see above); check that "
+                                  f"workers can import tensorflow, keras and kopt and read {args.data_dir}")
+            trials = Trials()  # a SparkTrials holds the session and cannot be pickled
+            trials.insert_trial_docs([dict(t) for t in spark_trials.trials if t["result"].get("status") == "ok"])
+            trials.refresh()
+            save_trials(trials, trials_path)
+            best = min(t["result"]["loss"] for t in trials.trials)
+            log.info(f"trials {done + 1}-{len(trials.trials)}/{args.max_evals} on {args.spark} "
+                     f"({spark_trials.parallelism} at once): best val_loss so far {best:.5f} "
+                     f"({time.perf_counter() - start:.0f} s)")
+    finally:
+        spark.stop()
+    return trials
+
+
 def plot_trials(df: pd.DataFrame, path: Path) -> None:
     plt = helper._pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -115,32 +207,23 @@ def plot_trials(df: pd.DataFrame, path: Path) -> None:
 
 
 def main(args):
-    from hyperopt import fmin, tpe
-
     if len(set(args.models)) < 2:
         raise CatDogError("--models needs at least two different backbones to merge")
-    out_dir = Path(args.model_dir) / "hyperopt"
+    # Absolute paths: Spark workers run elsewhere, and kopt stores each trial's model path.
+    data_dir, out_dir = str(Path(args.data_dir).resolve()), Path(args.model_dir).resolve() / "hyperopt"
     kopt = helper.import_kopt(out_dir / "kopt")
     space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed)
-    data = make_data_fn(str(args.data_dir))
-    data(tuple(args.models))  # fail early, with a clear message, on missing features
-    objective = kopt.CompileFN("merge", "+".join(args.models), data_fn=data, model_fn=model,
-                               loss_metric="loss", loss_metric_mode="min",
-                               valid_split=None,  # validate on data()'s second part: split.csv's valid rows
-                               use_tensorboard=True, save_model="best", save_dir=str(out_dir))
+    helper.load_features(args.models, data_dir, parts=())  # fail early, with a clear message, on missing features
     trials_path = out_dir / "trials.pkl"
     trials = load_trials(trials_path)
     if len(trials.trials):
         log.info(f"resuming: {len(trials.trials)} finished trials in {trials_path}")
-    while len(trials.trials) < args.max_evals:
-        start = time.perf_counter()
-        # One trial per fmin call, each seeded by its number: reproducible, and saved as soon as it ends.
-        fmin(objective, space, algo=tpe.suggest, trials=trials, max_evals=len(trials.trials) + 1,
-             rstate=np.random.default_rng(args.seed + len(trials.trials)), show_progressbar=False)
-        save_trials(trials, trials_path)
-        r = trials.trials[-1]["result"]
-        log.info(f"trial {len(trials.trials)}/{args.max_evals}: val_loss {r['loss']:.5f} "
-                 f"({time.perf_counter() - start:.0f} s)")
+    if args.spark:
+        trials = search_spark(spark_objective(data_dir, args.models, str(out_dir), model), space, trials, args,
+                              trials_path)
+    else:
+        trials = search(make_objective(kopt, data_dir, args.models, str(out_dir), model), space, trials, args,
+                        trials_path)
     table = trials_table(trials, space)
     if table.empty:
         raise CatDogError(f"no finished trials in {trials_path}: raise --max-evals")

@@ -25,6 +25,7 @@ def script(number: str):
     if number not in _loaded:
         spec = importlib.util.spec_from_file_location(f"script_{number}", SCRIPTS[number])
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import would (06 --spark ships its functions by value from it)
         spec.loader.exec_module(module)
         _loaded[number] = module
     return _loaded[number]

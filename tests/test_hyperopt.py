@@ -119,3 +119,34 @@ def test_kopt_compilefn_end_to_end_reports_keras_metrics(tmp_path):
     saved = keras.models.load_model(ret["path"]["model"].replace(".h5", ".keras"))
     loss, acc = saved.evaluate(x[60:], y[60:], verbose=0, batch_size=20)
     assert ret["eval"]["loss"] == pytest.approx(loss, rel=1e-5) and ret["eval"]["accuracy"] == pytest.approx(acc)
+
+
+def spark_missing() -> str:
+    import importlib.util
+    import shutil
+    if importlib.util.find_spec("pyspark") is None:
+        return "pyspark is not installed (pip install -r requirements-spark.txt)"
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        return "Spark needs Java, which is not on PATH"
+    return ""
+
+
+@pytest.mark.skipif(bool(spark_missing()), reason=spark_missing() or "-")
+def test_spark_trials_on_local_2(pipeline, tmp_path):
+    table = run("06", "--data-dir", pipeline["data"], "--model-dir", tmp_path, "--max-evals", 2, "--epochs", 2,
+                "--batch-size", 16, "--models", *MODELS, "--spark", "local[2]", "--parallelism", 2)
+    assert len(table) == 2 and table.val_loss.notna().all()
+    assert table.lr.between(0.001, 0.01).all() and table.momentum.isin([0.5, 0.8, 0.9]).all()
+    assert (tmp_path / "hyperopt" / "best.keras").is_file()
+    # Resumable like the sequential search: one more round adds exactly one trial.
+    more = run("06", "--data-dir", pipeline["data"], "--model-dir", tmp_path, "--max-evals", 3, "--epochs", 2,
+               "--batch-size", 16, "--models", *MODELS, "--spark", "local[2]", "--parallelism", 2)
+    assert len(more) == 3
+    pd.testing.assert_frame_equal(more.iloc[:2][["lr", "decay", "val_loss"]], table[["lr", "decay", "val_loss"]])
+
+
+def test_spark_without_pyspark_says_how_to_install(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyspark", None)  # import pyspark now raises ImportError
+    with pytest.raises(helper.CatDogError, match="pip install -r requirements-spark.txt"):
+        run("06", "--data-dir", pipeline["data"], "--model-dir", tmp_path, "--max-evals", 1, "--models", *MODELS,
+            "--spark")
