@@ -21,6 +21,9 @@ def parse_args(argv=None):
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS,
                    help="resize method (images are stretched to a square, as in the report); "
                         "'nearest' reproduces Keras 2's flow_from_directory")
+    p.add_argument("--decoder", default="pil", choices=helper.DECODERS,
+                   help="pil: Pillow decode + resize in parallel tf.data threads (fastest on CPU; the report's "
+                        "decoder); tf: tf.io.decode_jpeg + tf.image.resize, all in the TensorFlow graph")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at least twice the target size at 1/2, 1/4 or 1/8 scale (faster decode, "
                         "slightly different features)")
@@ -43,7 +46,7 @@ def main(args):
         for name in args.models:
             bb = helper.get_backbone(name)
             settings = helper.ExtractSettings(args.image_size or bb.size, args.batch_size, args.interpolation,
-                                              args.jpeg_draft, args.weights, args.seed)
+                                              args.jpeg_draft, args.weights, args.seed, args.decoder)
             path = helper.feature_path(args.data_dir, name)
             reason = "forced" if args.force else helper.stale_reason(path, settings, split)
             if not reason:

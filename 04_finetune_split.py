@@ -49,6 +49,7 @@ def parse_args(argv=None):
                    help="maps cache precision (25k ResNet50 maps: 4.7 GB in float16, 9.3 GB in float32)")
     p.add_argument("--extract-batch-size", type=int, default=64, help="images per batch when caching maps")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS, help="resize method")
+    p.add_argument("--decoder", default="pil", choices=helper.DECODERS, help="image decoder (see 02)")
     p.add_argument("--load", default="auto", choices=["auto", "ram", "stream"],
                    help="maps in RAM, streamed from HDF5, or auto: RAM if they fit in half the available memory")
     p.add_argument("--force", action="store_true", help="recompute the maps cache even if it is complete")
@@ -101,7 +102,7 @@ def image_data(bb, split: pd.DataFrame, settings, args):
     valid = (split.subset == "valid").to_numpy()
     labels = split.label.to_numpy(np.float32)
     common = {"size": settings.image_size, "batch_size": args.batch_size, "interpolation": settings.interpolation,
-              "preprocess": bb.preprocess}
+              "decoder": settings.decoder, "preprocess": bb.preprocess}
     train = helper.image_dataset(paths[~valid], labels=labels[~valid], shuffle_seed=args.seed,
                                  augment=helper.augmentation(args.seed), **common)
     val = helper.image_dataset(paths[valid], labels=labels[valid], **common)
@@ -128,8 +129,10 @@ def baseline_head(model_dir: Path, backbone: str):
     return head.get_layer("prediction").get_weights(), meta
 
 
-def fit(model, base, block, train, val, args, log_dir: Path, init: str, source=None) -> pd.DataFrame:
-    """The report's schedule: (warmup: head alone first), then block + head with early stopping."""
+def fit(model, base, block, train, val, args, log_dir: Path, init: str, source=None) -> tuple[pd.DataFrame, float]:
+    """The report's schedule: (warmup: head alone first), then block + head with early stopping.
+
+    Returns the history and the share of the training time spent reading maps (NaN without maps)."""
     import keras
     shutil.rmtree(log_dir, ignore_errors=True)
     tensorboard = keras.callbacks.TensorBoard(str(log_dir))
@@ -159,12 +162,12 @@ def fit(model, base, block, train, val, args, log_dir: Path, init: str, source=N
     hist = pd.concat(histories, ignore_index=True)
     hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
     hist.insert(1, "phase", ["head"] * warmup + ["block"] * (len(hist) - warmup))
-    if source is not None:
-        secs, read = time.perf_counter() - start, source.read_seconds - read0
-        where = "RAM" if source.in_ram else "HDF5"
-        log.info(f"reading maps from {where}: {read:.1f} s of {secs:.1f} s training ({100 * read / secs:.1f}%)")
-        hist.attrs["read_share"] = read / secs
-    return hist
+    if source is None:
+        return hist, float("nan")
+    secs, read = time.perf_counter() - start, source.read_seconds - read0
+    where = "RAM" if source.in_ram else "HDF5"
+    log.info(f"reading maps from {where}: {read:.1f} s of {secs:.1f} s training ({100 * read / secs:.1f}%)")
+    return hist, read / secs
 
 
 def main(args):
@@ -175,7 +178,7 @@ def main(args):
     if not (split.subset == "valid").any():
         raise CatDogError("split.csv has no valid rows: rerun 01 with a --valid-frac above 0")
     settings = helper.ExtractSettings(args.image_size or bb.size, args.extract_batch_size, args.interpolation,
-                                      False, args.weights, args.seed)
+                                      False, args.weights, args.seed, args.decoder)
     inits = list(INITS) if args.init == "all" else [args.init]
     head_weights, head_meta = baseline_head(Path(args.model_dir), bb.name) if "baseline" in inits else (None, None)
     keras.utils.set_random_seed(args.seed)  # --weights none: the same random network as 02 built
@@ -183,8 +186,9 @@ def main(args):
     layer = args.split_layer or bb.split_layer_name(full)
     extractor, tail = helper.split_model(full, layer)
     meta = {"backbone": bb.name, "split_layer": layer, "image_size": settings.image_size,
-            "interpolation": settings.interpolation, "weights": args.weights, "optimizer": args.optimizer,
-            "lr": args.lr, "momentum": args.momentum, "dropout": args.dropout, "patience": args.patience}
+            "interpolation": settings.interpolation, "decoder": settings.decoder, "weights": args.weights,
+            "optimizer": args.optimizer, "lr": args.lr, "momentum": args.momentum, "dropout": args.dropout,
+            "patience": args.patience}
     source = None
     if args.mode == "split":
         maps, path = cache_maps(extractor, bb, layer, settings, args)
@@ -210,14 +214,14 @@ def main(args):
         model = classifier(base, input_shape, input_name, args.dropout, name)
         if init == "baseline":
             model.get_layer("prediction").set_weights(head_weights)
-        hist = fit(model, base, tail.layers, train, val, args, Path(args.model_dir) / "logs" / "finetune" / name,
-                   init, source)
+        log_dir = Path(args.model_dir) / "logs" / "finetune" / name
+        hist, read_share = fit(model, base, tail.layers, train, val, args, log_dir, init, source)
         helper.write_csv(hist, out_dir / f"{name}.history.csv")
         helper.save_model(model, out_dir / f"{name}.keras", {**meta, "features": features, "init": init,
                                                               "seed": args.seed, "epochs": len(hist)})
         row = helper.summarize(name, hist, args.seed)
         # Early stopping restored the best epoch's weights: that is the model saved and the figure to compare.
-        rows.append({**row, "init": init, "read_share": hist.attrs.get("read_share")})
+        rows.append({**row, "init": init, "read_share": read_share})
     baseline = add_baseline(Path(args.model_dir), bb.name, out_dir, rows)
     return helper.write_results(rows, out_dir, f"{bb.name} fine-tuning ({args.mode}): val_loss by epoch",
                                 baseline=baseline)

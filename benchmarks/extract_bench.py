@@ -2,7 +2,7 @@
 
 On one set of generated JPEGs (300-500 px, laid out by 01) it measures, per backbone and size:
   a  decode-only images/s of the report's way: Keras's legacy ImageDataGenerator.flow_from_directory
-  b  decode-only images/s of our tf.data pipeline (and with --jpeg-draft)
+  b  decode-only images/s of our tf.data pipeline (default Pillow decoder; also --decoder tf, --jpeg-draft)
   b_e2e  our whole extraction (02's code path: pipeline + CNN + HDF5) images/s
   c  the CNN alone on batches already in memory, images/s
 and, in child processes, peak RSS of a whole extraction of N and 4N images (memory must stay flat).
@@ -71,32 +71,43 @@ def legacy_decode(data: Path, bb: helper.Backbone, size: int, batch: int) -> flo
     return rate(flow.samples, lambda: [flow[i] for i in range(len(flow))], repeat=3)
 
 
-def our_decode(paths, bb: helper.Backbone, size: int, batch: int, draft: bool,
-               interpolation: str = "bilinear") -> float:
-    """Decode + resize + preprocess, all in the tf.data graph (in 02 the preprocess runs in the CNN step)."""
-    import tensorflow as tf
-
+def our_decode(paths, bb: helper.Backbone, size: int, batch: int, draft: bool = False,
+               interpolation: str = "bilinear", decoder: str = "pil", preprocess: bool = False) -> float:
+    """02's input pipeline: read + decode + resize in tf.data. 02 runs preprocess_input inside the CNN step
+    (on the GPU when there is one); `preprocess` moves it into the pipeline, as the legacy path has it."""
     def run():
-        for _ in helper.image_dataset(paths, size, batch, interpolation, jpeg_draft=draft).map(
-                bb.preprocess, num_parallel_calls=tf.data.AUTOTUNE):
+        for _ in helper.image_dataset(paths, size, batch, interpolation, jpeg_draft=draft, decoder=decoder,
+                                      preprocess=bb.preprocess if preprocess else None):
             pass
     run()  # warm up: the first pass builds the graph and starts the thread pools
     return rate(len(paths), run, repeat=3)
 
 
-def cnn_alone(step, size: int, batch: int, n: int) -> float:
-    """The CNN step alone on one batch kept in memory, repeated to cover n images."""
+def cnn_alone(step, size: int, batch: int, parts: list[int], repeat: int = 3) -> float:
+    """The CNN step alone on batches already in memory, in the same sizes as the extraction's batches
+    (each part's full batches and its smaller last one), so the two rates compare like for like."""
     import tensorflow as tf
-    x = tf.random.uniform((batch, size, size, 3), 0, 255)
-    reps = max(1, n // batch)
-    return rate(reps * batch, lambda: [step(x).numpy() for _ in range(reps)])
+    sizes = [min(batch, n - s) for n in parts for s in range(0, n, batch)]
+    xs = {b: tf.random.uniform((b, size, size, 3), 0, 255) for b in set(sizes)}
+    return rate(sum(sizes), lambda: [step(xs[b]).numpy() for b in sizes], repeat=repeat)
 
 
-def extract(step, bb, data: Path, size: int, batch: int, out: Path, draft: bool = False) -> float:
+def extract(step, bb, data: Path, size: int, batch: int, out: Path, draft: bool = False, repeat: int = 1) -> float:
     """02's code path, with a step already traced so tracing is not timed."""
     settings = helper.ExtractSettings(size, batch, jpeg_draft=draft)
     n = len(helper.read_split(data)) + len(helper.test_images(data)[0])
-    return rate(n, lambda: helper.extract_to_file(step, (bb.width,), data, out, settings, {}))
+    return rate(n, lambda: helper.extract_to_file(step, (bb.width,), data, out, settings, {}), repeat=repeat)
+
+
+def cnn_vs_extract(step, bb, data: Path, size: int, batch: int, out: Path, rounds: int = 3) -> tuple[float, float]:
+    """(c, b_e2e): the CNN alone and the whole extraction, timed in alternation so that load from other
+    processes on the machine hits both alike; the best of `rounds` of each."""
+    parts = [len(helper.read_split(data)), len(helper.test_images(data)[0])]
+    c = e2e = 0.0
+    for _ in range(rounds):
+        c = max(c, cnn_alone(step, size, batch, parts, repeat=1))
+        e2e = max(e2e, extract(step, bb, data, size, batch, out))
+    return c, e2e
 
 
 def rss_child(data: str, size: str) -> None:
@@ -121,8 +132,9 @@ def main(args):
     import tensorflow as tf
     root = Path(args.workdir or tempfile.mkdtemp(prefix="extract_bench_"))
     data = make_images(root, args.images)
-    split = helper.read_split(data)
-    paths = helper.train_image_paths(data, split)
+    data4 = make_images(root, 4 * args.images, seed=1)
+    # Decode rates over the 4N set: passes of a second or more, so thread start-up and noise weigh less.
+    paths = helper.train_image_paths(data4, helper.read_split(data4))
     kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
     print(f"{len(paths)} labelled images, mean {kb:.0f} KB, {os.cpu_count()} CPUs, "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, tensorflow {tf.__version__}")
@@ -132,19 +144,21 @@ def main(args):
     for name in args.models:
         bb = helper.get_backbone(name)
         for size in sorted({bb.size, 224, 299}):
-            a = legacy_decode(data, bb, size, args.batch_size)
-            b = our_decode(paths, bb, size, args.batch_size, False)
-            b_draft = our_decode(paths, bb, size, args.batch_size, True)
-            b_near = our_decode(paths, bb, size, args.batch_size, False, "nearest")
+            a = legacy_decode(data4, bb, size, args.batch_size)
+            b = our_decode(paths, bb, size, args.batch_size)
+            b_pre = our_decode(paths, bb, size, args.batch_size, preprocess=True)
+            b_tf = our_decode(paths, bb, size, args.batch_size, decoder="tf")
+            b_draft = our_decode(paths, bb, size, args.batch_size, draft=True)
+            b_near = our_decode(paths, bb, size, args.batch_size, interpolation="nearest")
             row = {"backbone": name, "size": size, "a_legacy": a, "b_tfdata": b, "b/a": b / a,
-                   "b_draft/a": b_draft / a, "b_nearest/a": b_near / a}
+                   "b_pre/a": b_pre / a, "b_tf/a": b_tf / a, "b_draft/a": b_draft / a, "b_nearest/a": b_near / a}
             if size == bb.size:  # the CNN at its native size: is decode hidden behind it?
                 model = bb.build(args.weights, size)
                 step = helper.make_extract_step(model, bb.preprocess)
                 step(tf.zeros((args.batch_size, size, size, 3)))  # trace once, outside the timings
                 with tempfile.TemporaryDirectory() as tmp:
-                    row["c_cnn"] = cnn_alone(step, size, args.batch_size, len(paths))
-                    row["b_e2e"] = extract(step, bb, data, size, args.batch_size, Path(tmp) / "f.h5")
+                    row["c_cnn"], row["b_e2e"] = cnn_vs_extract(step, bb, data, size, args.batch_size,
+                                                                Path(tmp) / "f.h5")
                     row["b_e2e/c"] = row["b_e2e"] / row["c_cnn"]
                     # Effect of --jpeg-draft on the features themselves.
                     extract(step, bb, data, size, args.batch_size, Path(tmp) / "d.h5", draft=True)
@@ -159,11 +173,12 @@ def main(args):
             print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), flush=True)
     keras.mixed_precision.set_global_policy("float32")
     table = pd.DataFrame(rows)
-    print("\nimages/s (a: legacy ImageDataGenerator decode, its default nearest resize; b: our tf.data decode, "
-          "antialiased bilinear; b_draft, b_nearest: ours with --jpeg-draft / --interpolation nearest; "
+    print("\nimages/s (a: legacy ImageDataGenerator decode + nearest resize + preprocess_input; b: 02's tf.data "
+          "input pipeline, Pillow decode + antialiased bilinear, preprocess in the CNN step; b_pre: b with "
+          "preprocess_input in the pipeline; b_tf, b_draft, b_nearest: b with --decoder tf / --jpeg-draft / "
+          "--interpolation nearest; "
           "b_e2e: our extraction with the CNN; c: the CNN alone on in-memory batches)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    data4 = make_images(root, 4 * args.images, seed=1)
     r1, r4 = peak_rss(data, args.rss_size), peak_rss(data4, args.rss_size)
     print(f"\npeak RSS, ResNet50 at {args.rss_size} px: N={args.images}: {r1:.0f} MB, 4N={4 * args.images}: "
           f"{r4:.0f} MB ({100 * (r4 / r1 - 1):+.1f}%)")

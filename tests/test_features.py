@@ -77,23 +77,37 @@ def test_features_equal_a_direct_predict(pipeline):
     model = bb.build("none", int(IMAGE_SIZE))
     row = 7
     name, label = pipeline["split"].filename[row], pipeline["split"].label[row]
-    raw = tf.io.read_file(str(data / "train2" / helper.CLASSES[label] / name))
-    img = helper._decode_resized(raw, int(IMAGE_SIZE), "bilinear", False).numpy()[None]
+    path = tf.constant(str(data / "train2" / helper.CLASSES[label] / name))
+    img = helper.load_resized(path, int(IMAGE_SIZE)).numpy()[None]  # 02's default decoder
     direct = model.predict(bb.preprocess(img), verbose=0)[0]
     with h5py.File(data / "features" / "ResNet50.h5", "r") as f:
         np.testing.assert_allclose(f["train"][row], direct, atol=1e-4, rtol=1e-4)
 
 
-def test_jpeg_draft_decodes_large_images_at_reduced_scale(pipeline):
+@pytest.mark.parametrize("decoder", helper.DECODERS)
+def test_jpeg_draft_decodes_large_images_at_reduced_scale(pipeline, decoder, tmp_path):
     import tensorflow as tf
+    from PIL import Image
     path = str(pipeline["data"] / "train2" / "cat" / "cat.0.jpg")  # 1100 x 800
-    raw = tf.io.read_file(path)
-    full = helper._decode_resized(raw, 75, "bilinear", False).numpy()
-    draft = helper._decode_resized(raw, 75, "bilinear", True).numpy()
+    full = helper.load_resized(tf.constant(path), 75, "bilinear", False, decoder).numpy()
+    draft = helper.load_resized(tf.constant(path), 75, "bilinear", True, decoder).numpy()
     assert full.shape == draft.shape == (75, 75, 3)
     assert 0 < np.abs(full - draft).mean() < 5  # close, not identical: libjpeg scaled the DCT
-    png = tf.constant(open(path, "rb").read())
-    assert helper._decode_resized(png, 75, "bilinear", True).shape == (75, 75, 3)
+    png = tmp_path / "cat.png"
+    Image.open(path).save(png)
+    assert helper.load_resized(tf.constant(str(png)), 75, "bilinear", True, decoder).shape == (75, 75, 3)
+
+
+@pytest.mark.parametrize("interpolation", helper.INTERPOLATIONS)
+def test_pillow_and_tf_decoders_agree(pipeline, interpolation):
+    import tensorflow as tf
+    for name in ("cat/cat.0.jpg", "dog/dog.1.jpg"):  # a large one, and the grayscale one
+        path = tf.constant(str(pipeline["data"] / "train2" / name))
+        pil = helper.load_resized(path, 75, interpolation, decoder="pil").numpy()
+        tf_ = helper.load_resized(path, 75, interpolation, decoder="tf").numpy()
+        assert pil.dtype == tf_.dtype == np.float32
+        # Same filters; Pillow rounds to uint8 and the two libjpeg builds differ by a level here and there.
+        assert np.abs(pil - tf_).mean() < (8 if interpolation == "nearest" else 2)
 
 
 @pytest.fixture
@@ -116,7 +130,10 @@ def test_rerun_skips_complete_files(small_data, caplog):
     assert "skipped" in caplog.text and os.stat(path).st_mtime_ns == stamp
     extract(small_data, "--interpolation", "nearest")  # other settings: redone, not silently reused
     with h5py.File(path, "r") as f:
-        assert f.attrs["interpolation"] == "nearest"
+        assert f.attrs["interpolation"] == "nearest" and f.attrs["decoder"] == "pil"
+    extract(small_data, "--interpolation", "nearest", "--decoder", "tf")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["decoder"] == "tf"
 
 
 def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(small_data, monkeypatch):
@@ -170,10 +187,11 @@ def test_load_features_refuses_misaligned_test_ids(small_data):
         helper.load_features(["VGG16", "ResNet50"], small_data)
 
 
-def test_undecodable_image_is_named(small_data):
+@pytest.mark.parametrize("decoder", helper.DECODERS)
+def test_undecodable_image_is_named(small_data, decoder):
     (small_data / "train" / "dog.3.jpg").write_bytes(b"garbage after 01 checked it")
     with pytest.raises(CatDogError, match="cannot decode .*dog.3.jpg"):
-        extract(small_data)
+        extract(small_data, "--decoder", decoder)
     assert not (small_data / "features" / "VGG16.h5").exists()
 
 
@@ -196,8 +214,8 @@ def test_mixed_precision_features_are_close(small_data):
 @pytest.mark.parametrize("interpolation", helper.INTERPOLATIONS)
 def test_every_interpolation_feeds_the_inception_preprocess(pipeline, interpolation):
     import tensorflow as tf
-    raw = tf.io.read_file(str(pipeline["data"] / "train2" / "dog" / "dog.1.jpg"))  # the grayscale one
-    img = helper._decode_resized(raw, 75, interpolation, False)
+    path = tf.constant(str(pipeline["data"] / "train2" / "dog" / "dog.1.jpg"))  # the grayscale one
+    img = helper.load_resized(path, 75, interpolation)
     assert img.dtype == tf.float32 and img.shape == (75, 75, 3)
     x = helper.BACKBONES["InceptionV3"].preprocess(img[None])
     assert -1 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
