@@ -22,9 +22,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # for annotations only: importing Keras at import time would slow every script's start
+    import keras
 
 # Silence TF's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -895,7 +899,7 @@ def load_model(path: str | Path):
 # Fine-tuning (split model, feature maps, frozen BatchNorm)
 # =============================================================================
 
-def split_model(model, layer_name: str):
+def split_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
     """(extractor, tail): images -> `layer_name`'s output, and that output -> the model's output.
 
     Both are views over the same layer objects, so the tail trains the full model's own weights.
@@ -906,6 +910,7 @@ def split_model(model, layer_name: str):
         cut = model.get_layer(layer_name)
     except ValueError as e:
         raise CatDogError(f"{model.name} has no layer {layer_name!r}") from e
+    # Walk the graph from the cut (Keras has no public API for a layer's consumers).
     members = set(map(id, model.layers))
     after, stack = {}, [cut]  # layers downstream of the cut, by id
     while stack:
@@ -925,7 +930,7 @@ def split_model(model, layer_name: str):
     return extractor, tail
 
 
-def freeze_batchnorm(model) -> int:
+def freeze_batchnorm(model: keras.Model) -> int:
     """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
 
     `trainable = False` is what Keras 3 honours during fit(); `training=False` in a functional graph is
@@ -939,7 +944,8 @@ def freeze_batchnorm(model) -> int:
     return len(bns)
 
 
-def set_block_trainable(model, base, block, train_block: bool) -> None:
+def set_block_trainable(model: keras.Model, base: keras.Model, block: Sequence[keras.layers.Layer],
+                        train_block: bool) -> None:
     """Only `block`'s layers of `base` train (when `train_block`), everything outside `base` (the head)
     trains, BatchNorm never does. Recompile the model afterwards."""
     model.trainable = True
@@ -954,7 +960,7 @@ def maps_name(backbone: str, layer: str) -> str:
     return f"{backbone}_{layer}_maps"
 
 
-def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
+def predict_images(model: keras.Model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
     """Dog probabilities of images for a model fine-tuned end to end, fed the way it was trained."""
     bb = get_backbone(meta["backbone"])
     ds = image_dataset(paths, meta["image_size"], batch_size, meta["interpolation"], preprocess=bb.preprocess,
