@@ -59,12 +59,12 @@ def parse_args(argv=None):
     return args
 
 
-def cache_maps(extractor, bb, layer, settings, args) -> tuple[str, Path]:
+def cache_maps(extractor, bb, layer, settings, split: pd.DataFrame, args) -> tuple[str, Path]:
     """Step 1: the extractor's output for every train2 and test image, in data/features/<maps name>.h5."""
     name = helper.maps_name(bb.name, layer)
     path = helper.feature_path(args.data_dir, name)
     attrs = {"backbone": bb.name, "split_layer": layer, "dtype": args.dtype}
-    reason = "forced" if args.force else helper.stale_reason(path, settings, helper.read_split(args.data_dir), attrs)
+    reason = "forced" if args.force else helper.stale_reason(path, settings, split, attrs)
     if not reason:
         log.info(f"{path} is complete with these settings: reused (--force recomputes)")
         return name, path
@@ -191,7 +191,7 @@ def main(args):
             "patience": args.patience}
     source = None
     if args.mode == "split":
-        maps, path = cache_maps(extractor, bb, layer, settings, args)
+        maps, path = cache_maps(extractor, bb, layer, settings, split, args)
         source, train, val = map_data(path, split, args)
         base, input_shape, input_name, features = tail, tail.input_shape[1:], "maps", [maps]
         meta.update(kind="finetune", feature_attrs=[helper.feature_file_state(path)])

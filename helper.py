@@ -53,10 +53,16 @@ class CatDogError(Exception):
     """A problem the user can fix; the CLI prints it as one line, without a traceback."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
     """The flags every script shares; `cnn` adds --weights and --image-size."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder with the Kaggle data and derived files")
     p.add_argument("--model-dir", default="model", help="folder for trained models, logs and results")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the one seed behind every random choice")
@@ -394,15 +400,15 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolatio
     def load(p):
         return load_resized(p, size, interpolation, jpeg_draft, decoder)
 
+    def on_images(fn):  # apply fn to the images of an element, whether or not it carries labels
+        return lambda x, *y: (fn(x), *y) if y else fn(x)
+
     if labels is None:
         ds = tf.data.Dataset.from_tensor_slices(list(paths))
     else:
         ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.float32)))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    def on_images(fn):  # apply fn to the images of an element, whether or not it carries labels
-        return lambda x, *y: (fn(x), *y) if y else fn(x)
-
     ds = ds.map(on_images(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
