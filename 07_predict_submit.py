@@ -17,7 +17,8 @@ from helper import CLASSES, CatDogError, log
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--model", help="a saved .keras model (default: the best one found under --model-dir)")
+    p.add_argument("--model", help="a saved .keras model of any step, fine-tuned ones (model/finetune/) too "
+                                   "(default: the best one found under --model-dir)")
     p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
     p.add_argument("--clip-low", type=float, default=helper.CLIP[0], help="lowest probability submitted")
     p.add_argument("--clip-high", type=float, default=helper.CLIP[1], help="highest probability submitted")
