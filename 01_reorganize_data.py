@@ -147,7 +147,7 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
 
 def write_eda(data: Path, checks: pd.DataFrame) -> None:
     """The report's size scatter (with and without the >1000 px outliers) and aspect-ratio histogram."""
-    plt = helper._pyplot()
+    plt = helper.pyplot()
     eda = data / "eda"
     sizes = checks[["name", "width", "height"]].copy()
     sizes["aspect"] = sizes.width / sizes.height

@@ -195,7 +195,7 @@ def search_spark(objective, space, trials, args, trials_path: Path):
 
 
 def plot_trials(df: pd.DataFrame, path: Path) -> None:
-    plt = helper._pyplot()
+    plt = helper.pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(df.trial, df.val_loss, "o", alpha=0.6, label="trial")
     ax.plot(df.trial, df.val_loss.cummin(), "-", label="best so far")

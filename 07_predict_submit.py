@@ -71,7 +71,7 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
                        "prediction": probs[order], "error": err[order],
                        "subset": np.where(feats.valid[order], "valid", "train")})
     helper.write_csv(df.head(100), out_dir / "worst.csv")
-    plt = helper._pyplot()
+    plt = helper.pyplot()
     cols = 5
     rows = max(1, int(np.ceil(min(top, len(df)) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)

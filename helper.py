@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -54,10 +55,52 @@ class CatDogError(Exception):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None: those flags' help says what happens without them."""
+    """Shows each flag's accepted range and default, except None: those flags' help says what happens
+    without them."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = action.help or ""
+        accepted = getattr(action.type, "accepted", "")
+        if accepted and accepted not in text:
+            text += f" [{accepted}]"
+        if action.default is None or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def number(kind: type = int, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type=` that refuses what is not a finite `kind` within the range, so a bad value fails in
+    argparse (with the range in the message and in -h) before any work starts."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    accepted = f"{'an integer' if kind is int else 'a number'}" + (" " + " and ".join(parts) if parts else "")
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
+        bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+               or (high is not None and (value >= high if high_open else value > high)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is not {accepted}")
+        return value
+
+    convert.accepted = accepted
+    convert.__name__ = kind.__name__
+    return convert
+
+
+POSITIVE_INT = number(int, 1)
+NONNEGATIVE_INT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+PROBABILITY = number(float, 0, 1)
+DROPOUT = number(float, 0, 1, high_open=True)
+SEED = number(int, 0, 2**32 - 1)  # what numpy's and TensorFlow's seeding accept
 
 
 def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
@@ -65,13 +108,13 @@ def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder with the Kaggle data and derived files")
     p.add_argument("--model-dir", default="model", help="folder for trained models, logs and results")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the one seed behind every random choice")
+    p.add_argument("--seed", type=SEED, default=DEFAULT_SEED, help="the one seed behind every random choice")
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     if cnn:
         p.add_argument("--weights", default="imagenet",
                        help="'imagenet' (downloaded to ~/.keras/models), 'none' (random init, for tests "
                             "and the demo), or a folder holding Keras *_notop.h5 files")
-        p.add_argument("--image-size", type=int, default=None,
+        p.add_argument("--image-size", type=number(int, 32), default=None,
                        help="square input size for every backbone (default: each backbone's native size)")
     return p
 
@@ -90,24 +133,46 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
         sys.exit(130)
 
 
+def temp_name(path: str | Path, suffix: str = "") -> Path:
+    """A hidden temp name beside `path`, unique to this process and call: two runs on one data dir never
+    write the same half file (the last to finish wins, atomically)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMP_COUNTER)}.partial{suffix}")
+
+
+_TEMP_COUNTER = itertools.count()
+
+
+def check_writable_target(path: str | Path) -> Path:
+    """Refuse a target that an atomic write's rename would destroy: a directory, device, FIFO or socket
+    (a symlink counts as what it points to). A missing path or a regular file is fine."""
+    path = Path(path)
+    if path.is_dir():
+        raise CatDogError(f"{path} is a directory: give a file name")
+    if path.exists() and not path.is_file():
+        raise CatDogError(f"{path} exists and is not a regular file (a device, FIFO or socket): give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CatDogError(f"{path.parent} is a file, not a folder: give another path")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `path`, renamed onto it only if the block succeeds.
 
-    `suffix` keeps an extension some writers insist on (Keras wants `.keras`).
+    `suffix` keeps an extension some writers insist on (Keras wants `.keras`). A symlink to a regular
+    file is followed, so the link stays and its target is replaced.
     """
-    path = Path(path)
+    path = check_writable_target(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers such as h5py and Keras want to create the file themselves
-    tmp = Path(tmp)
+    tmp = temp_name(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
@@ -1202,7 +1267,8 @@ def import_kopt(config_dir: str | Path):
 # Plots
 # =============================================================================
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1213,14 +1279,14 @@ def save_figure(fig, path: str | Path) -> None:
     """Save a PNG atomically and close the figure."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     log.info(f"wrote {path}")
 
 
 def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, metric: str = "val_loss",
                 title: str = "", baseline: str | None = None) -> None:
     """One line per run of `metric` by epoch (the report's TensorBoard charts); `baseline` drawn blue and thick."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, h in histories.items():
         style = {"color": "tab:blue", "linewidth": 3} if name == baseline else {}
