@@ -10,14 +10,14 @@ import time
 import pandas as pd
 
 import helper
-from helper import log
+from helper import CatDogError, log
 
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0], cnn=True)
     p.add_argument("--models", nargs="+", default=list(helper.BACKBONES), choices=list(helper.BACKBONES),
                    metavar="MODEL", help=f"backbones to extract, from {', '.join(helper.BACKBONES)}")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=64, help="images per batch")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS,
                    help="resize method (images are stretched to a square, as in the report); "
                         "'nearest' reproduces Keras 2's flow_from_directory")
@@ -33,34 +33,48 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def plan(args) -> dict[str, helper.ExtractSettings]:
+    """Each requested backbone's settings, all checked before the first one starts (a size too small for the
+    last backbone must not surface after minutes of extracting the first)."""
+    settings = {}
+    for name in dict.fromkeys(args.models):
+        bb = helper.get_backbone(name)
+        size = args.image_size or bb.size
+        if size < bb.min_size:
+            raise CatDogError(f"{name} needs --image-size >= {bb.min_size}, got {size}: raise --image-size, or "
+                              f"extract {name} in a run of its own at its native size")
+        helper.resolve_weights(args.weights, bb)  # a missing weights file, named now
+        settings[name] = helper.ExtractSettings(name, size, args.interpolation, args.decoder, args.jpeg_draft,
+                                                args.weights, args.seed, args.mixed_precision)
+    return settings
+
+
 def main(args):
+    settings = plan(args)
+    split = helper.read_split(args.data_dir)
+    test_ids = helper.laid_out_test_ids(args.data_dir)
     import keras
     import tensorflow as tf
 
-    split, parts, _ = helper.image_parts(args.data_dir)
     strategy = tf.distribute.MirroredStrategy() if args.multi_gpu else tf.distribute.get_strategy()
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     rows = []
     try:
-        for name in args.models:
+        for name, s in settings.items():
             bb = helper.get_backbone(name)
-            settings = helper.ExtractSettings(args.image_size or bb.size, args.batch_size, args.interpolation,
-                                              args.jpeg_draft, args.weights, args.seed, args.decoder)
             path = helper.feature_path(args.data_dir, name)
-            reason = "forced" if args.force else helper.stale_reason(path, settings, split)
+            reason = "forced" if args.force else helper.stale_reason(path, s, split, test_ids)
             if not reason:
                 log.info(f"{path} is complete with these settings: skipped (--force recomputes)")
                 continue
-            log.info(f"{name}: {reason}; extracting at {settings.image_size} px")
-            keras.utils.set_random_seed(args.seed)  # makes --weights none reproducible
+            log.info(f"{name}: {reason}; extracting at {s.image_size} px")
+            helper.set_seed(args.seed)  # makes --weights none reproducible (and 04's network the same)
             with strategy.scope():
-                model = bb.build(args.weights, settings.image_size)
+                model = bb.build(args.weights, s.image_size)
             start = time.perf_counter()
             step = helper.make_extract_step(model, bb.preprocess, strategy)
-            n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, settings,
-                                       {"backbone": name, "mixed_precision": args.mixed_precision},
-                                       strategy=strategy)
+            n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, s, args.batch_size, strategy)
             secs = time.perf_counter() - start
             rows.append({"backbone": name, "images": n, "seconds": round(secs, 1),
                          "images_per_s": round(n / secs, 1), "MB": round(path.stat().st_size / 2**20, 1)})

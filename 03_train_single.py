@@ -1,8 +1,8 @@
 """Step 3: the report's head on each backbone's features: Dropout(0.5) -> Dense(1, sigmoid), Adadelta, 10 epochs.
 
-Trains on split.csv's train rows, validates on its valid rows. Writes model/single/<Model>.keras,
-<Model>.history.csv, results.csv (the report's first table), val_loss.png, TensorBoard runs under
-model/logs/single/<Model>/, and submissions/<Model>.csv.
+Trains on split.csv's train rows, validates on its valid rows. Writes model/single/<Model>.keras (with its
+sidecar <Model>.json), <Model>.history.csv, results.csv (the report's first table: val_loss of each saved
+model), val_loss.png, TensorBoard runs under model/logs/single/<Model>/, and submissions/<Model>.csv.
 """
 
 from pathlib import Path
@@ -19,30 +19,34 @@ def parse_args(argv=None):
     p.add_argument("--predict", action=helper.argparse.BooleanOptionalAction, default=True,
                    help="also write submissions/<Model>.csv")
     p.add_argument("--submissions-dir", default="submissions", help="where the per-model CSVs go")
-    p.add_argument("--clip-low", type=float, default=helper.CLIP[0], help="lowest probability submitted")
-    p.add_argument("--clip-high", type=float, default=helper.CLIP[1], help="highest probability submitted")
-    return p.parse_args(argv)
+    helper.clip_args(p)
+    args = helper.resolve_head_args(p.parse_args(argv))
+    helper.clip_range(p, args)
+    return args
 
 
 def main(args):
-    names = args.models or [n for n in helper.BACKBONES
-                            if helper.feature_file_state(helper.feature_path(args.data_dir, n))]
+    names = list(dict.fromkeys(args.models or [])) or [
+        n for n in helper.BACKBONES if helper.feature_file_state(helper.feature_path(args.data_dir, n))]
     if not names:
         raise CatDogError(f"no complete feature files in {Path(args.data_dir) / helper.FEATURES}: "
                           f"run 02_extract_features.py first")
-    out_dir = Path(args.model_dir) / "single"
-    rows = []
+    out_dir = Path(args.model_dir) / helper.SINGLE_DIR
+    results = None
     for name in names:
         feats = helper.load_features([name], args.data_dir)
         optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
-        model = helper.build_head({name: feats.train[0].shape[1]}, args.dropout, optimizer)
-        row, _ = helper.train_run(name, model, feats, out_dir, Path(args.model_dir) / "logs" / "single" / name,
-                                  args, {"kind": "single", "optimizer": args.optimizer, "lr": args.lr,
-                                         "dropout": args.dropout, "epochs": args.epochs})
-        rows.append(row)
+        model = helper.build_head({name: feats.labelled[0].shape[1]}, args.dropout, optimizer, args.seed)
+        hist, valid = helper.fit_head(model, feats, args, Path(args.model_dir) / helper.LOGS_DIR / "single" / name)
+        row = helper.finish_run(name, model, hist, valid, out_dir, args,
+                                {"kind": "single", "features": feats.names, "feature_attrs": feats.attrs})
+        # Each row right after its model is saved, so results.csv always describes the models on disk.
+        results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model",
+                                       show=name == names[-1])
         if args.predict:
-            helper.submit(model, feats, Path(args.submissions_dir) / f"{name}.csv", (args.clip_low, args.clip_high))
-    return helper.write_results(rows, out_dir, "single backbones: val_loss after the last epoch")
+            helper.submit(model, feats, Path(args.submissions_dir) / f"{name}.csv", args.data_dir,
+                          (args.clip_low, args.clip_high))
+    return results
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ data/features/ResNet50_conv5_block2_out_maps.h5 (float16); step 2 trains the las
 layers keep their ImageNet statistics: Keras 2.1 updated them, which is why the report's fine-tuning failed.
 --init picks the report's variants (random head, model A = 03's head weights, model B = 5 head-only epochs
 first); --mode full fine-tunes end to end from augmented images instead (for a GPU box).
-Writes model/finetune/<name>.keras, results.csv against 03's baseline, val_loss.png and TensorBoard runs
-under model/logs/finetune/<name>/.
+Writes model/finetune/<name>.keras (the best epoch's weights), results.csv against 03's baseline (val_loss of
+the saved model, the epoch and phase it comes from), val_loss.png and TensorBoard runs under
+model/logs/finetune/<name>/.
 """
 
-import shutil
+import contextlib
+import functools
+import math
+import os
 import time
 from pathlib import Path
 
@@ -36,77 +40,80 @@ def parse_args(argv=None):
     p.add_argument("--init", default="warmup", choices=[*INITS, "all"],
                    help="random: new head; baseline: start the Dense from 03's head (model A); warmup: train the "
                         "head alone first, then the block too (model B); all: the three, compared")
-    p.add_argument("--warmup-epochs", type=int, default=5, help="head-only epochs of --init warmup")
-    p.add_argument("--epochs", type=int, default=50, help="most epochs in all (early stopping usually ends sooner)")
-    p.add_argument("--patience", type=int, default=4, help="early-stopping patience on val_loss (best weights kept)")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per training batch")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adadelta"],
-                   help="sgd is the report's working choice; adadelta its first attempt")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.001 for sgd, 1.0 for adadelta: Keras 2's)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate before the Dense layer")
+    p.add_argument("--warmup-epochs", type=helper.NONNEGATIVE_INT, default=5, help="head-only epochs of --init warmup")
+    helper.head_args(p, epochs=50, optimizer="sgd", sgd_lr=0.001)  # sgd is the report's working choice here
+    p.add_argument("--patience", type=helper.POSITIVE_INT, default=4,
+                   help="early-stopping patience on val_loss (the best epoch's weights are kept)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="maps cache precision (25k ResNet50 maps: 4.7 GB in float16, 9.3 GB in float32)")
-    p.add_argument("--extract-batch-size", type=int, default=64, help="images per batch when caching maps")
+    p.add_argument("--extract-batch-size", type=helper.POSITIVE_INT, default=64,
+                   help="images per batch when caching maps")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS, help="resize method")
     p.add_argument("--decoder", default="pil", choices=helper.DECODERS, help="image decoder (see 02)")
     p.add_argument("--load", default="auto", choices=["auto", "ram", "stream"],
                    help="maps in RAM, streamed from HDF5, or auto: RAM if they fit in half the available memory")
     p.add_argument("--force", action="store_true", help="recompute the maps cache even if it is complete")
-    args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = 0.001 if args.optimizer == "sgd" else 1.0
-    return args
+    return helper.resolve_head_args(p.parse_args(argv))
 
 
-def cache_maps(extractor, bb, layer, settings, split: pd.DataFrame, args) -> tuple[str, Path]:
-    """Step 1: the extractor's output for every train2 and test image, in data/features/<maps name>.h5."""
-    name = helper.maps_name(bb.name, layer)
-    path = helper.feature_path(args.data_dir, name)
-    attrs = {"backbone": bb.name, "split_layer": layer, "dtype": args.dtype}
-    reason = "forced" if args.force else helper.stale_reason(path, settings, split, attrs)
-    if not reason:
-        log.info(f"{path} is complete with these settings: reused (--force recomputes)")
-        return name, path
-    log.info(f"{name}: {reason}; caching {extractor.output_shape[1:]} maps at {settings.image_size} px")
-    step = helper.make_extract_step(extractor, bb.preprocess)
-    start = time.perf_counter()
-    n = helper.extract_to_file(step, tuple(extractor.output_shape[1:]), args.data_dir, path, settings, attrs,
-                               dtype=args.dtype)
-    log.info(f"wrote {path}: {n} images in {time.perf_counter() - start:.0f} s, "
-             f"{path.stat().st_size / 2**20:,.1f} MiB")
-    return name, path
+# ----------------------------------------------------------------------------- the split model
+
+def split_model(model, layer_name: str):
+    """(extractor, tail): images -> `layer_name`'s output, and that output -> the model's output.
+
+    Both are views over the same layer objects, so the tail trains the full model's own weights.
+    A cut inside a block (a later layer also reading a tensor from before the cut) is refused.
+    """
+    import keras
+    try:
+        cut = model.get_layer(layer_name)
+    except ValueError as e:
+        raise CatDogError(f"{model.name} has no layer {layer_name!r}") from e
+    # Walk the graph from the cut (Keras has no public API for a layer's consumers).
+    members = set(map(id, model.layers))
+    after, stack = {}, [cut]  # layers downstream of the cut, by id
+    while stack:
+        for node in stack.pop()._outbound_nodes:
+            op = node.operation
+            if id(op) in members and id(op) not in after:
+                after[id(op)] = op
+                stack.append(op)
+    if not after:
+        raise CatDogError(f"cannot cut {model.name} at {layer_name}: nothing comes after it to fine-tune; "
+                          f"choose a block output before the last block (ResNet50: conv5_block2_out)")
+    for layer in after.values():
+        for t in layer._inbound_nodes[0].input_tensors:
+            src = t._keras_history.operation
+            if src is not cut and id(src) not in after:
+                raise CatDogError(f"cannot cut {model.name} at {layer_name}: {layer.name} after the cut also reads "
+                                  f"{src.name} from before it (the cut is inside a block); cut at a block output")
+    extractor = keras.Model(model.input, cut.output, name=f"{model.name}_to_{layer_name}")
+    tail = keras.Model(cut.output, model.output, name=f"{model.name}_from_{layer_name}")
+    return extractor, tail
 
 
-def map_data(path: Path, split: pd.DataFrame, args):
-    """Training and validation batches over the cached maps, in RAM or streamed (see --load)."""
-    import h5py
-    with h5py.File(path, "r") as f:
-        need = f["train"].size * f["train"].dtype.itemsize
-    avail = helper.available_memory()
-    in_ram = args.load == "ram" or (args.load == "auto" and need <= avail / 2)
-    log.info(f"train maps: {need / 2**20:,.1f} MiB, {avail / 2**20:,.0f} MiB available: "
-             + ("loading them into RAM" if in_ram else f"streaming them from {path}"))
-    source = helper.MapRows(path, "train", in_ram)
-    valid = (split.subset == "valid").to_numpy()
-    labels = split.label.to_numpy(np.float32)
-    rows = {"train": np.flatnonzero(~valid), "valid": np.flatnonzero(valid)}
-    train = helper.map_batches(source, rows["train"], labels[rows["train"]], args.batch_size, True, args.seed)
-    val = helper.map_batches(source, rows["valid"], labels[rows["valid"]], args.batch_size, False, args.seed)
-    return source, train, val
+def freeze_batchnorm(model) -> int:
+    """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
+
+    `trainable = False` is what Keras 3 honours during fit(); `training=False` in a functional graph is
+    not (keras-team/keras#20285). Call it after any `trainable = True`, which would turn them back on.
+    Returns how many layers were frozen.
+    """
+    import keras
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bns:
+        layer.trainable = False
+    return len(bns)
 
 
-def image_data(bb, split: pd.DataFrame, settings, args):
-    """--mode full: augmented, reshuffled training images and untouched validation images."""
-    paths = np.asarray(helper.train_image_paths(args.data_dir, split))
-    valid = (split.subset == "valid").to_numpy()
-    labels = split.label.to_numpy(np.float32)
-    common = {"size": settings.image_size, "batch_size": args.batch_size, "interpolation": settings.interpolation,
-              "decoder": settings.decoder, "preprocess": bb.preprocess}
-    train = helper.image_dataset(paths[~valid], labels=labels[~valid], shuffle_seed=args.seed,
-                                 augment=helper.augmentation(args.seed), **common)
-    val = helper.image_dataset(paths[valid], labels=labels[valid], **common)
-    return train, val
+def set_block_trainable(model, base, block, train_block: bool) -> None:
+    """Only `block`'s layers of `base` train (when `train_block`), everything outside `base` (the head)
+    trains, BatchNorm never does. Recompile the model afterwards."""
+    model.trainable = True
+    inside = set(map(id, block))
+    for layer in base._flatten_layers(include_self=False):
+        layer.trainable = train_block and id(layer) in inside
+    freeze_batchnorm(model)
 
 
 def classifier(base, input_shape, input_name: str, dropout: float, name: str):
@@ -120,116 +127,298 @@ def classifier(base, input_shape, input_name: str, dropout: float, name: str):
     return keras.Model(inp, out, name=name)
 
 
-def baseline_head(model_dir: Path, backbone: str):
-    """03's trained Dense weights for this backbone (model A starts from them) and its sidecar."""
-    path = model_dir / "single" / f"{backbone}.keras"
+# ----------------------------------------------------------------------------- the maps cache
+
+def cache_maps(extractor, settings: helper.ExtractSettings, split: pd.DataFrame, args) -> tuple[str, Path]:
+    """Step 1: the extractor's output for every train2 and test image, in data/features/<maps name>.h5."""
+    name = helper.maps_name(settings.backbone, settings.split_layer)
+    path = helper.feature_path(args.data_dir, name)
+    reason = "forced" if args.force else helper.stale_reason(path, settings, split,
+                                                             helper.laid_out_test_ids(args.data_dir))
+    if not reason:
+        log.info(f"{path} is complete with these settings: reused (--force recomputes)")
+        return name, path
+    log.info(f"{name}: {reason}; caching {extractor.output_shape[1:]} maps at {settings.image_size} px")
+    bb = helper.get_backbone(settings.backbone)
+    step = helper.make_extract_step(extractor, bb.preprocess)
+    start = time.perf_counter()
+    n = helper.extract_to_file(step, tuple(extractor.output_shape[1:]), args.data_dir, path, settings,
+                               args.extract_batch_size)
+    log.info(f"wrote {path}: {n} images in {time.perf_counter() - start:.0f} s, "
+             f"{path.stat().st_size / 2**20:,.1f} MiB")
+    return name, path
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(row for row in f if row.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class MapRows:
+    """Rows of one part of a maps file, read from RAM or, when `in_ram` is False, from HDF5 on demand.
+
+    The HDF5 file is opened lazily (at the first read) so the object can be built cheaply and pickled;
+    close() (or a `with` block) closes it.
+    """
+
+    def __init__(self, path: Path, part: str = "train", in_ram: bool = False):
+        import h5py
+        self.path, self.part, self.in_ram = Path(path), part, in_ram
+        with h5py.File(self.path, "r") as f:
+            ds = f[part]
+            self.shape, self.dtype = ds.shape, ds.dtype
+            self.array = ds[:] if in_ram else None
+        self._file = self._ds = None
+        self.read_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The maps of `rows` (ascending indices), in that order."""
+        start = time.perf_counter()
+        if self.in_ram:
+            out = self.array[rows]
+        else:
+            if self._ds is None:
+                import h5py
+                self._file = h5py.File(self.path, "r")
+                self._ds = self._file[self.part]
+            # Single-row reads over sorted rows: h5py's fancy indexing on the same rows is ~10-30x slower.
+            out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+            for j, i in enumerate(rows):
+                self._ds.read_direct(out, np.s_[int(i)], np.s_[j])
+        self.read_seconds += time.perf_counter() - start
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = self._ds = None
+
+    def __enter__(self) -> "MapRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_ds": None}
+
+
+@functools.cache
+def _map_batches_class():
+    import keras
+
+    class MapBatches(keras.utils.PyDataset):
+        """Batches of (maps, labels) over `rows` of a MapRows; a new seeded permutation each epoch when shuffled.
+
+        The permutation depends only on (seed, epoch), so a fresh MapBatches replays the same batches: every
+        --init variant sees the same batch order. Each batch's rows are sorted (order inside a batch does not
+        change a gradient step), so the in-RAM and streaming sources give identical batches and HDF5 reads go
+        forward.
+        """
+
+        def __init__(self, source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int,
+                     shuffle: bool, seed: int):
+            super().__init__()
+            self.source, self.rows, self.labels = source, np.asarray(rows), np.asarray(labels, np.float32)
+            self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+            self.epoch = 0
+            self.order = self._order()
+
+        def _order(self) -> np.ndarray:
+            if not self.shuffle:
+                return np.arange(len(self.rows))
+            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.rows) / self.batch_size)
+
+        def __getitem__(self, k: int):
+            pick = np.sort(self.order[k * self.batch_size:(k + 1) * self.batch_size])
+            # float16 maps go to the model as they are: its input layer casts them, faster than numpy would.
+            return self.source.read(self.rows[pick]), self.labels[pick]
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = self._order()
+
+    return MapBatches
+
+
+def map_batches(source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    """A keras.utils.PyDataset of (maps, labels) batches; see MapBatches."""
+    return _map_batches_class()(source, rows, labels, batch_size, shuffle, seed)
+
+
+def open_maps(path: Path, args) -> MapRows:
+    """The cached training maps, in RAM or streamed (see --load)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        need = f["train"].size * f["train"].dtype.itemsize
+    avail = available_memory()
+    in_ram = args.load == "ram" or (args.load == "auto" and need <= avail / 2)
+    log.info(f"train maps: {need / 2**20:,.1f} MiB, {avail / 2**20:,.0f} MiB available: "
+             + ("loading them into RAM" if in_ram else f"streaming them from {path}"))
+    return MapRows(path, "train", in_ram)
+
+
+def map_data(source: MapRows, split: pd.DataFrame, args):
+    """Fresh training (seeded shuffle) and validation batches over the cached maps."""
+    valid = (split.subset == "valid").to_numpy()
+    labels = split.label.to_numpy(np.float32)
+    rows = {"train": np.flatnonzero(~valid), "valid": np.flatnonzero(valid)}
+    train = map_batches(source, rows["train"], labels[rows["train"]], args.batch_size, True, args.seed)
+    val = map_batches(source, rows["valid"], labels[rows["valid"]], args.batch_size, False, args.seed)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- --mode full
+
+def augmentation(seed: int):
+    """Random flip, rotation, zoom, shift and shear as Keras preprocessing layers, for training images only.
+
+    Ranges are those of Keras's own cats-vs-dogs example (rotation 40 degrees, 20% zoom/shift/shear).
+    """
+    import keras
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(40 / 360, seed=seed + 1),
+        keras.layers.RandomZoom(0.2, seed=seed + 2),
+        keras.layers.RandomTranslation(0.2, 0.2, seed=seed + 3),
+        keras.layers.RandomShear(0.2, 0.2, seed=seed + 4),
+    ], name="augment")
+
+
+def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
+    """Fresh augmented, reshuffled training images and untouched validation images (seed first for the
+    same order and augmentations in every variant)."""
+    helper.set_seed(args.seed)
+    bb = helper.get_backbone(settings.backbone)
+    paths = np.asarray(helper.train_image_paths(args.data_dir, split))
+    valid = (split.subset == "valid").to_numpy()
+    labels = split.label.to_numpy(np.float32)
+    common = {"size": settings.image_size, "batch_size": args.batch_size, "interpolation": settings.interpolation,
+              "decoder": settings.decoder, "preprocess": bb.preprocess}
+    train = helper.image_dataset(paths[~valid], labels=labels[~valid], shuffle_seed=args.seed,
+                                 augment=augmentation(args.seed), **common)
+    val = helper.image_dataset(paths[valid], labels=labels[valid], **common)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- training
+
+# The settings that decide what a backbone computes from an image: 03's head must have been trained on
+# features made with the same ones for --init baseline to start from it.
+NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed")
+
+
+def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
+    """03's trained Dense weights for this backbone (model A starts from them), refused if the head was trained
+    on features made another way than these maps."""
+    path = model_dir / helper.SINGLE_DIR / f"{settings.backbone}.keras"
     if not path.is_file():
-        raise CatDogError(f"--init baseline needs 03's head {path}: run 03_train_single.py --models {backbone} first")
+        raise CatDogError(f"--init baseline needs 03's head {path}: run 03_train_single.py --models "
+                          f"{settings.backbone} first")
     head, meta = helper.load_model(path)
-    return head.get_layer("prediction").get_weights(), meta
+    trained = (meta.get("feature_attrs") or [{}])[0]
+    changed = [k for k in helper.setting_changes(trained, settings.attrs()) if k in NETWORK_SETTINGS]
+    if changed:
+        raise CatDogError(f"--init baseline: {path} was trained on features made with "
+                          + ", ".join(f"{k}={trained.get(k)}" for k in changed) + ", but these maps use "
+                          + ", ".join(f"{k}={getattr(settings, k)}" for k in changed)
+                          + ": run 04 with the head's settings, or retrain 03 with these")
+    return head.get_layer("prediction").get_weights()
 
 
-def fit(model, base, block, train, val, args, log_dir: Path, init: str, source=None) -> tuple[pd.DataFrame, float]:
+def train_variant(model, base, block, train, val, args, log_dir: Path, init: str) -> tuple[pd.DataFrame, int]:
     """The report's schedule: (warmup: head alone first), then block + head with early stopping.
 
-    Returns the history and the share of the training time spent reading maps (NaN without maps)."""
+    Returns the history (with a `phase` column) and the epoch whose weights the model now holds."""
     import keras
-    shutil.rmtree(log_dir, ignore_errors=True)
-    tensorboard = keras.callbacks.TensorBoard(str(log_dir))
+    tb = helper.tensorboard(log_dir)
     warmup = min(args.warmup_epochs, args.epochs - 1) if init == "warmup" else 0
     if init == "warmup" and warmup < args.warmup_epochs:
         log.info(f"warmup shortened to {warmup} epoch(s) to fit --epochs {args.epochs}")
-    histories, start = [], time.perf_counter()
-    read0 = source.read_seconds if source else 0.0
-    for phase, (first, last) in enumerate([(0, warmup), (warmup, args.epochs)]):
+    stop = keras.callbacks.EarlyStopping("val_loss", patience=args.patience, restore_best_weights=True, verbose=1)
+    histories = []
+    for phase, first, last in (("head", 0, warmup), ("block", warmup, args.epochs)):
         if last <= first:
             continue
-        train_block = phase == 1
-        helper.set_block_trainable(model, base, block, train_block)  # BatchNorm frozen last, every time
+        set_block_trainable(model, base, block, phase == "block")  # BatchNorm frozen last, every time
         # A fresh optimizer per phase, as the report's two compile() calls had.
-        model.compile(helper.make_optimizer(args.optimizer, args.lr, args.momentum), "binary_crossentropy",
-                      metrics=["accuracy"])
-        callbacks = [tensorboard]
-        if train_block:
-            callbacks.append(keras.callbacks.EarlyStopping("val_loss", patience=args.patience,
-                                                           restore_best_weights=True, verbose=1))
-        log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if train_block else "head only")
+        model.compile(helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho),
+                      "binary_crossentropy", metrics=["accuracy"])
+        log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if phase == "block" else "head only")
                  + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights")
-        # The data shuffles itself (a seeded order per epoch), so fit must not.
-        h = model.fit(train, validation_data=val, initial_epoch=first, epochs=last, shuffle=False, verbose=2,
-                      callbacks=callbacks)
-        histories.append(pd.DataFrame(h.history))
-    hist = pd.concat(histories, ignore_index=True)
-    hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
-    hist.insert(1, "phase", ["head"] * warmup + ["block"] * (len(hist) - warmup))
-    if source is None:
-        return hist, float("nan")
-    secs, read = time.perf_counter() - start, source.read_seconds - read0
-    where = "RAM" if source.in_ram else "HDF5"
-    log.info(f"reading maps from {where}: {read:.1f} s of {secs:.1f} s training ({100 * read / secs:.1f}%)")
-    return hist, read / secs
+        h = helper.fit(model, train, val, last, [tb] + ([stop] if phase == "block" else []), initial_epoch=first)
+        h.insert(1, "phase", phase)
+        histories.append(h)
+    # Early stopping restored its best epoch's weights (Keras passes absolute epoch numbers, 0-based).
+    return pd.concat(histories, ignore_index=True), stop.best_epoch + 1
 
 
 def main(args):
-    import keras
-
     bb = helper.get_backbone(args.model)
     split = helper.read_split(args.data_dir)
-    if not (split.subset == "valid").any():
-        raise CatDogError("split.csv has no valid rows: rerun 01 with a --valid-frac above 0")
-    settings = helper.ExtractSettings(args.image_size or bb.size, args.extract_batch_size, args.interpolation,
-                                      False, args.weights, args.seed, args.decoder)
-    inits = list(INITS) if args.init == "all" else [args.init]
-    head_weights, head_meta = baseline_head(Path(args.model_dir), bb.name) if "baseline" in inits else (None, None)
-    keras.utils.set_random_seed(args.seed)  # --weights none: the same random network as 02 built
-    full = bb.build(args.weights, settings.image_size, pooling=None)
+    model_dir = Path(args.model_dir)
+    helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
+    full = bb.build(args.weights, args.image_size or bb.size, pooling=None)
     layer = args.split_layer or bb.split_layer_name(full)
-    extractor, tail = helper.split_model(full, layer)
+    extractor, tail = split_model(full, layer)
+    settings = helper.ExtractSettings(bb.name, args.image_size or bb.size, args.interpolation, args.decoder, False,
+                                      args.weights, args.seed, False, layer, args.dtype)
+    inits = list(INITS) if args.init == "all" else [args.init]
+    head_weights = baseline_head(model_dir, settings) if "baseline" in inits else None
     meta = {"backbone": bb.name, "split_layer": layer, "image_size": settings.image_size,
-            "interpolation": settings.interpolation, "decoder": settings.decoder, "weights": args.weights,
-            "optimizer": args.optimizer, "lr": args.lr, "momentum": args.momentum, "dropout": args.dropout,
-            "patience": args.patience}
-    source = None
-    if args.mode == "split":
-        maps, path = cache_maps(extractor, bb, layer, settings, split, args)
-        source, train, val = map_data(path, split, args)
-        base, input_shape, input_name, features = tail, tail.input_shape[1:], "maps", [maps]
-        meta.update(kind="finetune", feature_attrs=[helper.feature_file_state(path)])
-    else:
-        train, val = image_data(bb, split, settings, args)
-        base, input_shape, input_name, features = full, (settings.image_size,) * 2 + (3,), "image", []
-        meta.update(kind="finetune_full")
-    if head_meta and head_meta.get("feature_attrs"):
-        a = head_meta["feature_attrs"][0]
-        if (a.get("image_size"), a.get("weights")) != (settings.image_size, args.weights):
-            log.warning(f"03's {bb.name} head was trained on features at {a.get('image_size')} px with weights "
-                        f"{a.get('weights')}, not {settings.image_size} px / {args.weights}: model A starts off")
-    initial = base.get_weights()  # every variant starts from the same pretrained block
-    out_dir, rows = Path(args.model_dir) / "finetune", []
-    for init in inits:
-        name = f"{bb.name}_{'full_' if args.mode == 'full' else ''}{init}"
-        name += "" if args.optimizer == "sgd" else f"_{args.optimizer}"
-        base.set_weights(initial)
-        keras.utils.set_random_seed(args.seed)
-        model = classifier(base, input_shape, input_name, args.dropout, name)
-        if init == "baseline":
-            model.get_layer("prediction").set_weights(head_weights)
-        log_dir = Path(args.model_dir) / "logs" / "finetune" / name
-        hist, read_share = fit(model, base, tail.layers, train, val, args, log_dir, init, source)
-        helper.write_csv(hist, out_dir / f"{name}.history.csv")
-        helper.save_model(model, out_dir / f"{name}.keras", {**meta, "features": features, "init": init,
-                                                              "seed": args.seed, "epochs": len(hist)})
-        row = helper.summarize(name, hist, args.seed)
-        # Early stopping restored the best epoch's weights: that is the model saved and the figure to compare.
-        rows.append({**row, "init": init, "read_share": read_share})
-    baseline = add_baseline(Path(args.model_dir), bb.name, out_dir, rows)
+            "interpolation": settings.interpolation, "decoder": settings.decoder, "weights": args.weights}
+    with contextlib.ExitStack() as stack:
+        if args.mode == "split":
+            maps, path = cache_maps(extractor, settings, split, args)
+            source = stack.enter_context(open_maps(path, args))
+            base, input_shape, input_name = tail, tail.input_shape[1:], "maps"
+            meta.update(kind="finetune", features=[maps], feature_attrs=[helper.feature_file_state(path)])
+        else:
+            source = None
+            base, input_shape, input_name = full, (settings.image_size,) * 2 + (3,), "image"
+            meta.update(kind="finetune_full", features=[], feature_attrs=[settings.attrs()])
+        initial = base.get_weights()  # every variant starts from the same pretrained block
+        out_dir, rows = model_dir / helper.FINETUNE_DIR, []
+        for init in inits:
+            name = f"{bb.name}_{'full_' if args.mode == 'full' else ''}{init}"
+            name += "" if args.optimizer == "sgd" else f"_{args.optimizer}"
+            base.set_weights(initial)
+            # A fresh, seeded batch source per variant: each sees the same batches in the same epochs.
+            train, val = map_data(source, split, args) if source else image_data(split, settings, args)
+            helper.set_seed(args.seed)
+            model = classifier(base, input_shape, input_name, args.dropout, name)
+            if init == "baseline":
+                model.get_layer("prediction").set_weights(head_weights)
+            read0, start = source.read_seconds if source else 0.0, time.perf_counter()
+            hist, saved_epoch = train_variant(model, base, tail.layers, train, val, args,
+                                              model_dir / helper.LOGS_DIR / "finetune" / name, init)
+            read_share = (source.read_seconds - read0) / (time.perf_counter() - start) if source else float("nan")
+            if source:
+                log.info(f"reading maps from {'RAM' if source.in_ram else 'HDF5'}: {100 * read_share:.1f}% "
+                         f"of the training time")
+            row = helper.finish_run(name, model, hist, val, out_dir, args, {**meta, "init": init, "seed": args.seed},
+                                    saved_epoch)
+            rows.append({**row, "init": init, "saved_phase": hist.phase[hist.epoch == saved_epoch].iloc[0],
+                         "read_share": read_share})
+    baseline = add_baseline(model_dir, bb.name, out_dir, rows)
     return helper.write_results(rows, out_dir, f"{bb.name} fine-tuning ({args.mode}): val_loss by epoch",
                                 baseline=baseline)
 
 
 def add_baseline(model_dir: Path, backbone: str, out_dir: Path, rows: list[dict]) -> str | None:
     """Put 03's head for this backbone in the comparison (the report's blue curve), if it was trained."""
-    results, hist = model_dir / "single" / "results.csv", model_dir / "single" / f"{backbone}.history.csv"
+    single = model_dir / helper.SINGLE_DIR
+    results, hist = single / "results.csv", single / f"{backbone}.history.csv"
     if not (results.is_file() and hist.is_file()):
         log.info(f"no 03 result for {backbone}: the comparison has no baseline (run 03_train_single.py)")
         return None
@@ -241,7 +430,7 @@ def add_baseline(model_dir: Path, backbone: str, out_dir: Path, rows: list[dict]
     helper.write_csv(pd.read_csv(hist), out_dir / f"{name}.history.csv")
     base_row = {**df.iloc[0].to_dict(), "model": name, "init": "03 head"}
     for row in rows:
-        row["best_vs_baseline"] = row["best_val_loss"] - base_row["best_val_loss"]
+        row["vs_baseline"] = row["val_loss"] - base_row["val_loss"]  # both: the saved models' val_loss
     rows.append(base_row)
     return name
 

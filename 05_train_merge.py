@@ -2,7 +2,8 @@
 
 One Input per backbone -> Concatenate -> Dropout(0.5) -> Dense(1, sigmoid), Adadelta, 7 epochs.
 --combos runs the report's comparison: ResNet50+InceptionV3, ResNet50+Xception and all three.
-Writes model/merge/<combo>.keras, results.csv, val_loss.png and TensorBoard runs under model/logs/merge/.
+Writes model/merge/<combo>.keras (with its sidecar), results.csv, val_loss.png and TensorBoard runs under
+model/logs/merge/.
 """
 
 from pathlib import Path
@@ -20,7 +21,10 @@ def parse_args(argv=None):
     p.add_argument("--combos", action="store_true",
                    help="train the report's three combinations instead (those whose features exist)")
     helper.head_args(p, epochs=7)
-    return p.parse_args(argv)
+    args = helper.resolve_head_args(p.parse_args(argv))
+    if not args.combos and len(set(args.models)) < 2:
+        p.error("--models needs at least two different backbones to merge")
+    return args
 
 
 def main(args):
@@ -33,22 +37,21 @@ def main(args):
         if not combos:
             raise CatDogError("--combos: no combination of the report has all its feature files: run 02 first")
     else:
-        if len(set(args.models)) < 2:
-            raise CatDogError("--models needs at least two different backbones to merge")
         combos = [tuple(dict.fromkeys(args.models))]
-    out_dir = Path(args.model_dir) / "merge"
-    rows = []
+    out_dir = Path(args.model_dir) / helper.MERGE_DIR
+    results = None
     for combo in combos:
         name = "+".join(combo)
         feats = helper.load_features(combo, args.data_dir)
         optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
-        dims = {n: x.shape[1] for n, x in zip(combo, feats.train, strict=True)}
-        model = helper.build_head(dims, args.dropout, optimizer)
-        row, _ = helper.train_run(name, model, feats, out_dir, Path(args.model_dir) / "logs" / "merge" / name,
-                                  args, {"kind": "merge", "optimizer": args.optimizer, "lr": args.lr,
-                                         "dropout": args.dropout, "epochs": args.epochs})
-        rows.append(row)
-    return helper.write_results(rows, out_dir, "merged features: val_loss after the last epoch")
+        dims = {n: x.shape[1] for n, x in zip(combo, feats.labelled, strict=True)}
+        model = helper.build_head(dims, args.dropout, optimizer, args.seed)
+        hist, valid = helper.fit_head(model, feats, args, Path(args.model_dir) / helper.LOGS_DIR / "merge" / name)
+        row = helper.finish_run(name, model, hist, valid, out_dir, args,
+                                {"kind": "merge", "features": feats.names, "feature_attrs": feats.attrs})
+        results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model",
+                                       show=combo == combos[-1])
+    return results
 
 
 if __name__ == "__main__":

@@ -2,16 +2,21 @@
 
 The report's code shape: data() and model() functions, its hyper_params space, kopt's CompileFN as the
 objective, Trials and fmin(algo=tpe.suggest). Validation uses split.csv's valid rows, like every other
-step, so the searched val_loss compares with 03 and 05. Trials are saved after each one under
-model/hyperopt/, so a rerun (with a larger --max-evals) continues where the last one stopped.
-Writes trials.csv, val_loss_by_trial.png, best.keras (07 submits it by default) and TensorBoard runs.
---spark runs several trials at once with hyperopt's SparkTrials (local cores or a cluster).
+step, so the searched val_loss compares with 03 and 05. After each trial, trials.csv, the plot, best.keras
+(07 submits it by default) with its sidecar best.json and, last, trials.pkl are saved under model/hyperopt/,
+so they always agree and a rerun (with a larger --max-evals) continues where the last one stopped. A search
+is bound to its backbones, space, training settings and feature files (search.json): a different request
+is refused rather than mixed in. --spark runs several trials at once with hyperopt's SparkTrials.
 """
 
+import contextlib
 import functools
+import json
 import os
 import pickle
+import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,36 +27,98 @@ import pandas as pd
 import helper
 from helper import CatDogError, log
 
+# ----------------------------------------------------------------------------- kopt compatibility
+# kopt 0.1.0 (the report's HyperOpt wrapper) was written for Keras 2 and PyYAML 5. import_kopt() patches
+# the three places where it breaks on Keras 3 / PyYAML 6; tests/test_hyperopt.py runs CompileFN end to
+# end so an upgrade that breaks it fails CI.
+#  1. kopt.config reads ~/.kopt/config.yaml with yaml.load() and no Loader, which PyYAML 6 rejects on the
+#     second import. It is imported with a safe default Loader, and with HOME pointed at `config_dir`
+#     so the file lands under --model-dir, not in the user's home folder.
+#  2. kopt.hyopt.eval_model zips model.metrics_names (Keras 3: ['loss', 'compile_metrics']) with
+#     evaluate()'s values, mislabelling metrics: replaced by evaluate(return_dict=True).
+#  3. CompileFN checkpoints to '<uuid>.h5', which Keras 3 writes in its legacy HDF5 format: the path
+#     is rewritten to '<uuid>.keras'.
+
+def kopt_eval_model(model, test, add_eval_metrics={}):  # noqa: B006 - kopt's own signature
+    """kopt's eval_model with metrics named by Keras itself."""
+    metrics = {k: float(v) for k, v in
+               model.evaluate(test[0], test[1], verbose=0, batch_size=len(test[1]), return_dict=True).items()}
+    if add_eval_metrics:  # a second pass over the validation set only when extra metrics need predictions
+        y_pred = model.predict(test[0], verbose=0)
+        metrics.update({k: fn(test[1], y_pred) for k, fn in add_eval_metrics.items() if k not in metrics})
+    return metrics
+
+
+def import_kopt(config_dir: str | Path):
+    """kopt, imported and patched for Keras 3 and PyYAML 6 (see above); returns the module."""
+    import keras
+    import yaml
+
+    config_dir = Path(config_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    if "kopt" not in sys.modules:
+        real_load, home = yaml.load, os.environ.get("HOME")
+        yaml.load = functools.partial(real_load, Loader=yaml.SafeLoader)
+        os.environ["HOME"] = str(config_dir)
+        try:
+            import kopt
+        finally:
+            yaml.load = real_load
+            if home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = home
+    import kopt
+    import kopt.hyopt
+
+    class KerasCheckpoint(keras.callbacks.ModelCheckpoint):
+        def __init__(self, filepath, *args, **kwargs):
+            super().__init__(re.sub(r"\.h5$", ".keras", filepath), *args, **kwargs)
+
+    kopt.hyopt.eval_model = kopt_eval_model
+    kopt.hyopt.ModelCheckpoint = KerasCheckpoint
+    kopt.config.set_save_dir(str(config_dir))
+    return kopt
+
+
+# ----------------------------------------------------------------------------- the search
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["ResNet50", "InceptionV3", "Xception"],
                    choices=list(helper.BACKBONES), metavar="MODEL", help="backbones whose features are merged")
-    p.add_argument("--max-evals", type=int, default=100, help="trials in total, counting those already saved")
-    p.add_argument("--epochs", type=int, default=200, help="most epochs per trial")
-    p.add_argument("--patience", type=int, default=8, help="early stopping patience on val_loss")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per training batch")
+    p.add_argument("--max-evals", type=helper.POSITIVE_INT, default=100,
+                   help="trials in total, counting those already saved")
+    p.add_argument("--epochs", type=helper.POSITIVE_INT, default=200, help="most epochs per trial")
+    p.add_argument("--patience", type=helper.POSITIVE_INT, default=8, help="early stopping patience on val_loss")
+    p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=128, help="rows per training batch")
     p.add_argument("--spark", nargs="?", const="local[*]", metavar="MASTER",
                    help="run trials in parallel with hyperopt's SparkTrials on this Spark master (default "
                         "local[*]; e.g. spark://host:7077). Needs pip install -r requirements-spark.txt and Java 17+; "
                         "--data-dir and --model-dir must be paths every worker can read and write")
-    p.add_argument("--parallelism", type=int,
+    p.add_argument("--parallelism", type=helper.POSITIVE_INT,
                    help="--spark: trials run at once (default: Spark's default parallelism)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.models = list(dict.fromkeys(args.models))
+    if len(args.models) < 2:
+        p.error("--models needs at least two different backbones to merge")
+    return args
+
+
+# The report's space, as data: hyper_params() builds it and search.json records it.
+SPACE = {"lr": ("loguniform", 0.001, 0.01), "decay": ("uniform", 0.0005, 0.05),
+         "momentum": ("choice", [0.5, 0.8, 0.9]), "dropout": ("choice", [0.1, 0.2, 0.3, 0.5])}
+LABELS = {"lr": "m_lr", "decay": "m_decay", "momentum": "m_mom", "dropout": "m_do"}  # the report's hp labels
 
 
 def hyper_params(models, epochs: int, batch_size: int, patience: int, seed: int) -> dict:
     """The report's search space; the seed is a fixed value passed through to model()."""
     from hyperopt import hp
+    build = {"loguniform": lambda label, lo, hi: hp.loguniform(label, np.log(lo), np.log(hi)),
+             "uniform": hp.uniform, "choice": hp.choice}
     return {
         "data": {"model_name": tuple(models)},
-        "model": {
-            "lr": hp.loguniform("m_lr", np.log(0.001), np.log(0.01)),
-            "decay": hp.uniform("m_decay", 0.0005, 0.05),
-            "momentum": hp.choice("m_mom", [0.5, 0.8, 0.9]),
-            "dropout": hp.choice("m_do", [0.1, 0.2, 0.3, 0.5]),
-            "seed": seed,
-        },
+        "model": {**{k: build[kind](LABELS[k], *values) for k, (kind, *values) in SPACE.items()}, "seed": seed},
         "fit": {"batch_size": batch_size, "epochs": epochs, "patience": patience},
     }
 
@@ -62,13 +129,15 @@ def make_data_fn(data_dir: str):
     @functools.lru_cache(maxsize=2)
     def data(model_name):
         """((train inputs, labels), (valid inputs, labels)) from split.csv; loaded once per process."""
-        feats = helper.load_features(list(model_name), data_dir, parts=("train",))
-        return feats.part("train"), feats.part("valid")
+        feats = helper.load_features(list(model_name), data_dir, parts=("labelled",))
+        return feats.subset("train"), feats.subset("valid")
     return data
 
 
 def make_objective(kopt, data_dir: str, models, out_dir: str, model_fn):
-    """kopt's CompileFN over the report's data() and model(), validated on split.csv's valid rows."""
+    """kopt's CompileFN over the report's data() and model(), validated on split.csv's valid rows. With
+    save_model='best' kopt reloads the best epoch's checkpoint before evaluating it, so a trial's val_loss is
+    that of its saved model."""
     return kopt.CompileFN("merge", "+".join(models), data_fn=make_data_fn(data_dir), model_fn=model_fn,
                           loss_metric="loss", loss_metric_mode="min",
                           valid_split=None,  # validate on data()'s second part: split.csv's valid rows
@@ -76,29 +145,78 @@ def make_objective(kopt, data_dir: str, models, out_dir: str, model_fn):
 
 
 def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helper.DEFAULT_SEED):
-    """The merged head with SGD; Keras 2's `decay` is an InverseTimeDecay schedule (see make_optimizer)."""
-    import keras
-    keras.utils.set_random_seed(seed)  # every trial starts from the same weights: only the settings differ
+    """The merged head with SGD; Keras 2's `decay` is an InverseTimeDecay schedule (see make_optimizer).
+    build_head seeds first: every trial starts from the same weights, only the settings differ."""
     names = [f"in{i}" for i in range(len(train_data[0]))]
     dims = {n: x.shape[1] for n, x in zip(names, train_data[0], strict=True)}
-    return helper.build_head(dims, dropout, helper.make_optimizer("sgd", lr, momentum, decay))
+    return helper.build_head(dims, dropout, helper.make_optimizer("sgd", lr, momentum, decay), seed)
+
+
+# ----------------------------------------------------------------------------- saved state
+
+def binding(args, feats: helper.Features) -> dict:
+    """What a search is bound to: its backbones, space, per-trial training settings and feature files.
+    Trials made under another binding cannot be continued (their best model would not match)."""
+    return helper.jsonable({"models": args.models, "space": SPACE, "epochs": args.epochs, "patience": args.patience,
+                            "batch_size": args.batch_size, "seed": args.seed,
+                            "features": [helper.ExtractSettings.of(a).attrs() for a in feats.attrs]})
+
+
+def check_binding(out_dir: Path, wanted: dict, has_trials: bool) -> None:
+    """Refuse to continue trials made for another request; record the binding of a new search."""
+    path = out_dir / "search.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        saved = None
+    if has_trials and saved != wanted:
+        if not isinstance(saved, dict):
+            what = f"has no readable {path.name} saying what its trials were made for"
+        else:
+            what = "holds trials made with other " + "; ".join(
+                f"{k} ({str(saved.get(k))[:120]}, now {str(wanted[k])[:120]})" for k in wanted
+                if saved.get(k) != wanted[k])
+        raise CatDogError(f"{out_dir} {what}: use another --model-dir for this search, or move {out_dir} away to "
+                          f"start over")
+    if saved != wanted:
+        helper.write_json(wanted, path)
 
 
 def load_trials(path: Path):
+    """The saved Trials (a new one when there is no file), refused with a message when unreadable."""
     from hyperopt import Trials
     if not path.is_file():
         return Trials()
-    with open(path, "rb") as f:
-        trials = pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            trials = pickle.load(f)
+    except Exception as e:  # truncated, empty or foreign pickles raise many types
+        raise CatDogError(f"{path} is not a readable trials file ({type(e).__name__}): move {path.parent} away "
+                          f"to start the search over") from e
+    if not isinstance(trials, Trials):
+        raise CatDogError(f"{path} holds a {type(trials).__name__}, not hyperopt Trials: move {path.parent} away "
+                          f"to start the search over")
     # A trial that was running when the last run stopped has no result: drop it, it will be redone.
     trials._dynamic_trials = [t for t in trials._dynamic_trials if t["result"].get("status") == "ok"]
     trials.refresh()
     return trials
 
 
-def save_trials(trials, path: Path) -> None:
-    with helper.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump(trials, f)
+@contextlib.contextmanager
+def no_interrupt():
+    """Hold Ctrl-C until the block ends, so the files a trial updates are written all or none."""
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:  # not the main thread: signals cannot be caught here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def trials_table(trials, space) -> pd.DataFrame:
@@ -111,22 +229,59 @@ def trials_table(trials, space) -> pd.DataFrame:
             continue
         vals = {k: v[0] for k, v in t["misc"]["vals"].items() if v}
         params = space_eval(space, vals)["model"]
-        rows.append({"trial": t["tid"], "lr": params["lr"], "decay": params["decay"],
-                     "momentum": params["momentum"], "dropout": params["dropout"],
+        rows.append({"trial": t["tid"], **{k: params[k] for k in SPACE},
                      "val_loss": r["eval"]["loss"], "val_acc": r["eval"].get("accuracy", np.nan),
                      "epochs": len(r["history"]["loss"]["epoch"]), "seconds": r["time"]["duration"]["total"],
                      "model_path": str(Path(r["path"]["model"]).with_suffix(".keras"))})
     return pd.DataFrame(rows)
 
 
-def search(objective, space, trials, args, trials_path: Path):
+def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> pd.DataFrame:
+    """trials.csv, the plot, best.keras and best.json from `trials`, then trials.pkl last: the files always
+    describe the same finished trials (a kill between two writes is repaired by the next save)."""
+    table = trials_table(trials, space)
+    if table.empty:
+        return table
+    best = table.loc[table.val_loss.idxmin()]
+    if not Path(best.model_path).is_file():
+        raise CatDogError(f"{best.model_path}, the model of trial {best.trial} (the best), is gone: move "
+                          f"{out_dir} away to start the search over")
+    with no_interrupt():
+        helper.write_csv(table.drop(columns="model_path"), out_dir / "trials.csv")
+        plot_trials(table, out_dir / "val_loss_by_trial.png")
+        sidecar = {"kind": "hyperopt", "features": feats.names, "feature_attrs": feats.attrs, "seed": args.seed,
+                   "args": args, "trial": int(best.trial), "epochs": int(best.epochs),
+                   **{k: float(best[k]) for k in (*SPACE, "val_loss", "val_acc")}, **helper.versions()}
+        with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:
+            shutil.copyfile(best.model_path, tmp)
+            helper.write_json(helper.jsonable(sidecar), out_dir / "best.json")
+        with helper.atomic_path(out_dir / "trials.pkl") as tmp, open(tmp, "wb") as f:
+            pickle.dump(trials, f)
+    return table
+
+
+def plot_trials(df: pd.DataFrame, path: Path) -> None:
+    plt = helper.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(df.trial, df.val_loss, "o", alpha=0.6, label="trial")
+    ax.plot(df.trial, df.val_loss.cummin(), "-", label="best so far")
+    best = df.loc[df.val_loss.idxmin()]
+    ax.plot([best.trial], [best.val_loss], "r*", markersize=15, label=f"best: {best.val_loss:.5f}")
+    ax.set(xlabel="trial", ylabel="val_loss", title="HyperOpt TPE: val_loss by trial", yscale="log")
+    ax.legend()
+    helper.save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- running trials
+
+def search(objective, space, trials, args, save):
     """One trial per fmin call, each seeded by its number: reproducible, and saved as soon as it ends."""
     from hyperopt import fmin, tpe
     while len(trials.trials) < args.max_evals:
         start = time.perf_counter()
         fmin(objective, space, algo=tpe.suggest, trials=trials, max_evals=len(trials.trials) + 1,
              rstate=np.random.default_rng(args.seed + len(trials.trials)), show_progressbar=False)
-        save_trials(trials, trials_path)
+        save(trials)
         r = trials.trials[-1]["result"]
         log.info(f"trial {len(trials.trials)}/{args.max_evals}: val_loss {r['loss']:.5f} "
                  f"({time.perf_counter() - start:.0f} s)")
@@ -157,12 +312,12 @@ def spark_objective(data_dir: str, models, out_dir: str, model_fn):
     """The objective shipped to Spark workers: each trial imports and patches kopt in its worker before building
     CompileFN (unpickling a ready CompileFN would import kopt unpatched)."""
     def run_trial(params):
-        kopt = helper.import_kopt(Path(out_dir) / "kopt")
+        kopt = import_kopt(Path(out_dir) / "kopt")
         return make_objective(kopt, data_dir, models, out_dir, model_fn)(params)
     return run_trial
 
 
-def search_spark(objective, space, trials, args, trials_path: Path):
+def search_spark(objective, space, trials, args, save):
     """Rounds of `parallelism` trials on Spark, saved after each round (Ctrl-C loses at most the running round)."""
     from hyperopt import SparkTrials, Trials, fmin, tpe
     spark = start_spark(args.spark)
@@ -184,7 +339,7 @@ def search_spark(objective, space, trials, args, trials_path: Path):
             trials = Trials()  # a SparkTrials holds the session and cannot be pickled
             trials.insert_trial_docs([dict(t) for t in spark_trials.trials if t["result"].get("status") == "ok"])
             trials.refresh()
-            save_trials(trials, trials_path)
+            save(trials)
             best = min(t["result"]["loss"] for t in trials.trials)
             log.info(f"trials {done + 1}-{len(trials.trials)}/{args.max_evals} on {args.spark} "
                      f"({spark_trials.parallelism} at once): best val_loss so far {best:.5f} "
@@ -194,47 +349,30 @@ def search_spark(objective, space, trials, args, trials_path: Path):
     return trials
 
 
-def plot_trials(df: pd.DataFrame, path: Path) -> None:
-    plt = helper.pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(df.trial, df.val_loss, "o", alpha=0.6, label="trial")
-    ax.plot(df.trial, df.val_loss.cummin(), "-", label="best so far")
-    best = df.loc[df.val_loss.idxmin()]
-    ax.plot([best.trial], [best.val_loss], "r*", markersize=15, label=f"best: {best.val_loss:.5f}")
-    ax.set(xlabel="trial", ylabel="val_loss", title="HyperOpt TPE: val_loss by trial", yscale="log")
-    ax.legend()
-    helper.save_figure(fig, path)
-
-
 def main(args):
-    if len(set(args.models)) < 2:
-        raise CatDogError("--models needs at least two different backbones to merge")
     # Absolute paths: Spark workers run elsewhere, and kopt stores each trial's model path.
-    data_dir, out_dir = str(Path(args.data_dir).resolve()), Path(args.model_dir).resolve() / "hyperopt"
-    kopt = helper.import_kopt(out_dir / "kopt")
+    data_dir, out_dir = str(Path(args.data_dir).resolve()), Path(args.model_dir).resolve() / helper.HYPEROPT_DIR
+    feats = helper.load_features(args.models, data_dir, parts=())  # fail early, with a clear message
+    kopt = import_kopt(out_dir / "kopt")
     space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed)
-    helper.load_features(args.models, data_dir, parts=())  # fail early, with a clear message, on missing features
     trials_path = out_dir / "trials.pkl"
     trials = load_trials(trials_path)
+    check_binding(out_dir, binding(args, feats), has_trials=len(trials.trials) > 0)
     if len(trials.trials):
         log.info(f"resuming: {len(trials.trials)} finished trials in {trials_path}")
+        save_search(trials, space, out_dir, args, feats)  # repairs files a kill left behind the trials
+
+    def save(t):
+        return save_search(t, space, out_dir, args, feats)
+
     if args.spark:
-        trials = search_spark(spark_objective(data_dir, args.models, str(out_dir), model), space, trials, args,
-                              trials_path)
+        trials = search_spark(spark_objective(data_dir, args.models, str(out_dir), model), space, trials, args, save)
     else:
-        trials = search(make_objective(kopt, data_dir, args.models, str(out_dir), model), space, trials, args,
-                        trials_path)
-    table = trials_table(trials, space)
+        trials = search(make_objective(kopt, data_dir, args.models, str(out_dir), model), space, trials, args, save)
+    table = save_search(trials, space, out_dir, args, feats)
     if table.empty:
         raise CatDogError(f"no finished trials in {trials_path}: raise --max-evals")
-    helper.write_csv(table.drop(columns="model_path"), out_dir / "trials.csv")
-    plot_trials(table, out_dir / "val_loss_by_trial.png")
     best = table.loc[table.val_loss.idxmin()]
-    with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:
-        shutil.copyfile(best.model_path, tmp)
-    helper.write_json({"features": list(args.models), "kind": "hyperopt", "seed": args.seed, "trial": int(best.trial),
-                       **{k: float(best[k]) for k in ("lr", "decay", "momentum", "dropout", "val_loss", "val_acc")},
-                       **helper.versions()}, out_dir / "best.json")
     log.info(f"\nbest of {len(table)} trials (saved as {out_dir / 'best.keras'}):\n"
              + pd.DataFrame({"hyperparameter": ["learning rate", "decay", "momentum", "dropout rate", "val_loss",
                                                 "val_acc", "epochs"],

@@ -6,6 +6,7 @@ confident mistake costs far more log loss than confidence gains. --analyze shows
 labelled images, like the report's section IV.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +21,25 @@ def parse_args(argv=None):
     p.add_argument("--model", help="a saved .keras model of any step, fine-tuned ones (model/finetune/) too "
                                    "(default: the best one found under --model-dir)")
     p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
-    p.add_argument("--clip-low", type=float, default=helper.CLIP[0], help="lowest probability submitted")
-    p.add_argument("--clip-high", type=float, default=helper.CLIP[1], help="highest probability submitted")
+    helper.clip_args(p)
     p.add_argument("--analyze", action="store_true",
                    help="also rank labelled images by |label - prediction| into model/analysis/")
-    p.add_argument("--top", type=int, default=20, help="images in the --analyze grid")
-    return p.parse_args(argv)
+    p.add_argument("--top", type=helper.POSITIVE_INT, default=20, help="images in the --analyze grid")
+    args = p.parse_args(argv)
+    helper.clip_range(p, args)
+    if not args.output.strip():
+        p.error("--output is empty: give the submission CSV's path")
+    return args
 
 
 def pick_model(model_dir: Path) -> tuple[Path, str]:
     """The model to submit and why it was chosen."""
-    best = model_dir / "hyperopt" / "best.keras"
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CatDogError(f"--model-dir {model_dir} is a file, not a folder")
+    best = model_dir / helper.HYPEROPT_BEST
     if best.is_file():
         return best, "hyperopt's best model (the report's final step)"
-    for step, what in (("merge", "merged model"), ("single", "single-backbone head")):
+    for step, what in ((helper.MERGE_DIR, "merged model"), (helper.SINGLE_DIR, "single-backbone head")):
         results = model_dir / step / "results.csv"
         if results.is_file():
             df = pd.read_csv(results)
@@ -45,20 +51,47 @@ def pick_model(model_dir: Path) -> tuple[Path, str]:
     raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
 
 
-def predictions(model, meta: dict, data_dir: Path, parts: tuple[str, ...]) -> tuple[helper.Features, dict]:
-    """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`.
+def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
+                ) -> tuple[helper.Features, dict]:
+    """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`
+    ('labelled', 'test').
 
-    Heads read their feature files; a split fine-tuned model streams its maps file (too big for RAM);
-    a model fine-tuned end to end (--mode full in 04) reads the images themselves.
+    Heads read their feature files, after checking they were made the way the model was trained; a split
+    fine-tuned model streams its maps file (too big for RAM); a model fine-tuned end to end (04 --mode full)
+    reads the images themselves.
     """
     if meta.get("kind") == "finetune_full":
         split, paths, ids = helper.image_parts(data_dir)
         feats = helper.Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
-                                (split.subset == "valid").to_numpy(), [], ids, [], [])
-        return feats, {part: helper.predict_images(model, paths[part], meta) for part in parts}
+                                (split.subset == "valid").to_numpy(), [], helper.laid_out_test_ids(data_dir), [], [])
+        images = {"labelled": paths["train"], "test": paths["test"]}
+        return feats, {part: predict_images(model, images[part], meta) for part in parts}
     streamed = any(name.endswith("_maps") for name in meta["features"])
     feats = helper.load_features(meta["features"], data_dir, parts=() if streamed else parts)
+    helper.check_trained_on(model_path, meta, feats)
     return feats, {part: feats.predict(model, part) for part in parts}
+
+
+def describe(meta: dict) -> str:
+    """A sidecar in a few lines: what the model is, how it was trained, what it scored."""
+    args = meta.get("args") or {}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(args.items())
+                     if k not in ("verbose",) and v not in (None, False))
+    lines = [f"  kind {meta.get('kind')}, features {', '.join(meta.get('features', []))}, seed {meta.get('seed')}",
+             f"  val_loss {meta.get('val_loss')} (saved epoch {meta.get('saved_epoch')})",
+             f"  trained with: {flags or '(flags not recorded)'}"]
+    for a in meta.get("feature_attrs") or []:
+        lines.append("  features: " + ", ".join(f"{k}={a.get(k)}" for k in
+                                                (f.name for f in dataclasses.fields(helper.ExtractSettings))))
+    return "\n".join(lines)
+
+
+def predict_images(model, paths: list[str], meta: dict, batch_size: int = 64) -> np.ndarray:
+    """Dog probabilities of images for a model fine-tuned end to end (04 --mode full), fed as it was trained."""
+    bb = helper.get_backbone(meta["backbone"])
+    ds = helper.image_dataset(paths, meta["image_size"], batch_size, meta["interpolation"], preprocess=bb.preprocess,
+                       decoder=meta.get("decoder", "pil"))
+    return np.asarray(model.predict(ds, verbose=0)).ravel()
 
 
 def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: Path, top: int,
@@ -67,7 +100,7 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
     from PIL import Image
     err = np.abs(feats.labels - probs)
     order = np.argsort(-err, kind="stable")
-    df = pd.DataFrame({"filename": feats.train_files[order], "label": feats.labels[order].astype(int),
+    df = pd.DataFrame({"filename": feats.files[order], "label": feats.labels[order].astype(int),
                        "prediction": probs[order], "error": err[order],
                        "subset": np.where(feats.valid[order], "valid", "train")})
     helper.write_csv(df.head(100), out_dir / "worst.csv")
@@ -88,15 +121,18 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
 
 
 def main(args):
+    output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
     path, why = (Path(args.model), "given by --model") if args.model else pick_model(Path(args.model_dir))
-    log.info(f"model: {path} ({why})")
     model, meta = helper.load_model(path)
-    parts = ("train", "test") if args.analyze else ("test",)
-    feats, probs = predictions(model, meta, Path(args.data_dir), parts)
+    log.info(f"model: {path} ({why})\n{describe(meta)}")
+    parts = ("labelled", "test") if args.analyze else ("test",)
+    feats, probs = predictions(model, meta, path, Path(args.data_dir), parts)
     clip = (args.clip_low, args.clip_high)
-    sub = helper.write_submission(feats.test_ids, probs["test"], args.output, clip)
+    sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(args.data_dir),
+                                  clip)
     if args.analyze:
-        analyze(probs["train"], feats, Path(args.data_dir), Path(args.model_dir) / "analysis", args.top, clip)
+        analyze(probs["labelled"], feats, Path(args.data_dir), Path(args.model_dir) / helper.ANALYSIS_DIR, args.top,
+                clip)
     return sub
 
 

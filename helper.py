@@ -1,7 +1,7 @@
 """Everything the numbered catdog scripts share.
 
-Sections: paths and CLI, Kaggle data, splitting, demo data, images, backbones,
-feature cache, heads, training, fine-tuning, metrics, submission, kopt compatibility, plots.
+Sections: paths and CLI, Kaggle data, splitting, images, backbones, feature cache, heads, training,
+metrics, submission, plots. What only one step uses lives in that step's script.
 TensorFlow and Keras are imported inside the functions that need them, so the
 data step (01) and `-h` stay fast and importing this module does no work.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -19,17 +21,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:  # for annotations only: importing Keras at import time would slow every script's start
-    import keras
 
 # Silence TF's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -483,21 +480,6 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolatio
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def augmentation(seed: int):
-    """Random flip, rotation, zoom, shift and shear as Keras preprocessing layers, for training images only.
-
-    Ranges are those of Keras's own cats-vs-dogs example (rotation 40 degrees, 20% zoom/shift/shear).
-    """
-    import keras
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(40 / 360, seed=seed + 1),
-        keras.layers.RandomZoom(0.2, seed=seed + 2),
-        keras.layers.RandomTranslation(0.2, 0.2, seed=seed + 3),
-        keras.layers.RandomShear(0.2, 0.2, seed=seed + 4),
-    ], name="augment")
-
-
 def find_undecodable(paths: Sequence[str], size: int, interpolation: str, decoder: str = "pil") -> str | None:
     """The first of `paths` the pipeline cannot decode, to name it in an error."""
     import tensorflow as tf
@@ -618,29 +600,110 @@ def feature_file_state(path: Path) -> dict | None:
     return attrs if attrs.get("complete") else None
 
 
-class FeatureWriter:
-    """Appends feature rows to an HDF5 file built in a temp file; `complete=True` and the rename come last.
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that changes the numbers in a feature or maps file: stored as the file's attributes,
+    compared before a file is reused, and kept in every model's sidecar so that a model is only ever fed
+    features made the way it was trained on. The one source of truth for "settings"."""
+    backbone: str
+    image_size: int
+    interpolation: str = "bilinear"
+    decoder: str = "pil"
+    jpeg_draft: bool = False
+    weights: str = "imagenet"
+    seed: int = DEFAULT_SEED
+    mixed_precision: bool = False
+    split_layer: str = ""     # maps files: the layer the backbone was cut after ("" for pooled features)
+    dtype: str = "float32"
 
-    An interrupted run leaves only the temp file, which the next run replaces.
+    def attrs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def differences(self, attrs: dict) -> list[str]:
+        """`key=stored (wanted value)` for each setting in which `attrs` (a file's attributes) differ."""
+        return [f"{k}={attrs.get(k)} (wanted {v})" for k, v in self.attrs().items()
+                if k in setting_changes(attrs, self.attrs())]
+
+    @classmethod
+    def of(cls, attrs: dict) -> ExtractSettings:
+        """The settings stored in a file's (or sidecar's) attributes."""
+        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
+
+
+def setting_changes(stored: dict, wanted: dict) -> list[str]:
+    """The settings (ExtractSettings' fields) in which two attribute sets differ. The seed only matters for
+    random weights (--weights none)."""
+    def plain(v):  # HDF5 gives numpy scalars back
+        return v.item() if hasattr(v, "item") else v
+    return [f.name for f in dataclasses.fields(ExtractSettings)
+            if plain(stored.get(f.name)) != plain(wanted.get(f.name))
+            and (f.name != "seed" or plain(wanted.get("weights")) == "none")]
+
+
+def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> None:
+    """Refuse to feed a saved model features made with other settings than those it was trained on
+    (e.g. 02 rerun at another --image-size), naming both."""
+    saved = meta.get("feature_attrs") or []
+    if len(saved) != len(feats.names):
+        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta.get('features')} "
+                          f"were made: retrain it")
+    for name, trained, now, path in zip(feats.names, saved, feats.attrs, feats.paths, strict=True):
+        changed = setting_changes(trained, now)
+        if changed:
+            raise CatDogError(
+                f"{model_path} was trained on {name} features made with "
+                + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f", but {path} now has "
+                + ", ".join(f"{k}={now.get(k)}" for k in changed)
+                + ": rerun that step with the model's settings, or retrain the model")
+
+
+def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
+    """The ids of the test images 01 laid out in test2/, checked against the test list 01 recorded in
+    split.json: the set every feature file and every submission must cover exactly."""
+    ids, paths = test_images(data_dir)
+    meta_path = Path(data_dir) / SPLIT_META
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads(meta_path.read_text()).get("test_sha256")
+        names = "\n".join(Path(p).name for p in paths)
+        if recorded and hashlib.sha256(names.encode()).hexdigest() != recorded:
+            raise CatDogError(f"{Path(data_dir) / TEST2} no longer holds the {len(ids)} test images 01 laid out "
+                              f"(see {meta_path}): rerun 01_reorganize_data.py, then 02")
+    return ids
+
+
+class FeatureWriter:
+    """Appends feature rows to an HDF5 file built under a temp name; `complete=True` and the rename come last.
+
+    An interrupted run leaves only the temp file, which is removed (or, after kill -9, never mistaken for a
+    complete file). The temp name is this process's own, so two runs never write one half file.
+    Use as a context manager: the file is closed and the temp file removed whatever happens.
     """
 
     def __init__(self, path: Path, train_files: Sequence[str], labels: Sequence[int], test_ids: Sequence[int],
                  feature_shape: tuple[int, ...], dtype: str, attrs: dict):
-        import h5py
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.partial")
-        self.file = h5py.File(self.tmp, "w")
-        n, m = len(train_files), len(test_ids)
-        # One row per chunk: streaming training reads single rows, which is fast; no compression (10x slower reads).
-        chunks = (1, *feature_shape)
-        self.data = {"train": self.file.create_dataset("train", (n, *feature_shape), dtype, chunks=chunks),
-                     "test": self.file.create_dataset("test", (m, *feature_shape), dtype, chunks=chunks)}
-        self.file["label"] = np.asarray(labels, dtype=np.uint8)
-        self.file["train_files"] = np.asarray(train_files, dtype=object).astype("S")
-        self.file["test_ids"] = np.asarray(test_ids, dtype=np.int64)
-        self.pos = {"train": 0, "test": 0}
+        self.path, self.tmp, self.file = check_writable_target(path), temp_name(path), None
+        self.shape = {"train": (len(train_files), *feature_shape), "test": (len(test_ids), *feature_shape)}
+        self.init = (train_files, labels, test_ids, dtype)
         self.attrs = attrs
+        self.pos = {"train": 0, "test": 0}
+
+    def __enter__(self) -> FeatureWriter:
+        import h5py
+        train_files, labels, test_ids, dtype = self.init
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.file = h5py.File(self.tmp, "w")
+            # One row per chunk: streaming training reads single rows, which is fast; no compression
+            # (10x slower reads).
+            self.data = {part: self.file.create_dataset(part, shape, dtype, chunks=(1, *shape[1:]))
+                         for part, shape in self.shape.items()}
+            self.file["label"] = np.asarray(labels, dtype=np.uint8)
+            self.file["train_files"] = np.asarray(train_files, dtype=object).astype("S")
+            self.file["test_ids"] = np.asarray(test_ids, dtype=np.int64)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
     def append(self, part: str, rows: np.ndarray) -> None:
         """Write the next batch of rows of `part` ('train' or 'test')."""
@@ -648,38 +711,22 @@ class FeatureWriter:
         self.data[part][start:start + len(rows)] = rows
         self.pos[part] = start + len(rows)
 
-    def close(self) -> None:
+    def commit(self) -> None:
         """Check every row was written, mark complete, rename into place."""
-        for part, ds in self.data.items():
-            if self.pos[part] != ds.shape[0]:
-                raise RuntimeError(f"{self.path}: wrote {self.pos[part]} of {ds.shape[0]} {part} rows")
+        for part, shape in self.shape.items():
+            if self.pos[part] != shape[0]:
+                raise RuntimeError(f"{self.path}: wrote {self.pos[part]} of {shape[0]} {part} rows")
         for k, v in self.attrs.items():
             self.file.attrs[k] = v
         self.file.attrs["complete"] = True
         self.file.close()
         os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
-        """Drop the temp file."""
-        with contextlib.suppress(Exception):
-            self.file.close()
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            with contextlib.suppress(Exception):
+                self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-@dataclass
-class ExtractSettings:
-    """How images become model inputs; stored as attributes of every feature file."""
-    image_size: int
-    batch_size: int = 64
-    interpolation: str = "bilinear"
-    jpeg_draft: bool = False
-    weights: str = "imagenet"
-    seed: int = DEFAULT_SEED
-    decoder: str = "pil"
-
-    def attrs(self) -> dict:
-        return {"image_size": self.image_size, "interpolation": self.interpolation, "decoder": self.decoder,
-                "jpeg_draft": self.jpeg_draft, "weights": self.weights, "seed": self.seed}
 
 
 def image_parts(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]], np.ndarray]:
@@ -689,22 +736,34 @@ def image_parts(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, list[str]
     return split, {"train": train_image_paths(data_dir, split), "test": test_paths}, ids
 
 
-def stale_reason(path: Path, settings: ExtractSettings, split: pd.DataFrame, attrs: dict | None = None) -> str:
-    """Why an existing feature file must be redone ('missing', 'incomplete', other settings or split),
-    or '' when it can be kept. `attrs` are further attributes that must match."""
+def rows_mismatch(path: Path, split: pd.DataFrame, test_ids: np.ndarray) -> str:
+    """Why the rows of a complete feature file no longer line up with split.csv or the test images 01
+    laid out ('' when they do)."""
     import h5py
+    with h5py.File(path, "r") as f:
+        files, ids = f["train_files"][:].astype(str), f["test_ids"][:]
+    if not np.array_equal(files, split.filename.to_numpy(str)):
+        return (f"its {len(files)} labelled rows do not match the order of {SPLIT_CSV} ({len(split)} rows): "
+                f"01 was rerun since")
+    if not np.array_equal(ids, test_ids):
+        old_ids, now_ids = set(ids.tolist()), set(test_ids.tolist())
+        gone, new = sorted(old_ids - now_ids), sorted(now_ids - old_ids)
+        return (f"its {len(ids)} test rows do not match the {len(test_ids)} images in {TEST2}"
+                + (f" (no longer there: {gone[:3]})" if gone else "") + (f" (new: {new[:3]})" if new else "")
+                + ": the test folder changed since")
+    return ""
+
+
+def stale_reason(path: Path, settings: ExtractSettings, split: pd.DataFrame, test_ids: np.ndarray) -> str:
+    """Why an existing feature file must be redone ('missing', 'incomplete', other settings or rows),
+    or '' when it can be kept."""
     state = feature_file_state(path)
     if state is None:
         return "missing" if not path.exists() else "incomplete"
-    wanted = {**settings.attrs(), **(attrs or {})}
-    # The seed only changes features made from random weights.
-    changed = [k for k, v in wanted.items() if state.get(k) != v and (k != "seed" or wanted.get("weights") == "none")]
+    changed = settings.differences(state)
     if changed:
-        return "made with other settings (" + ", ".join(f"{k}={state.get(k)}" for k in changed) + ")"
-    with h5py.File(path, "r") as f:
-        if not np.array_equal(f["train_files"][:].astype(str), split.filename.to_numpy(str)):
-            return "made for another split.csv"
-    return ""
+        return "made with other settings (" + ", ".join(changed) + ")"
+    return rows_mismatch(path, split, test_ids)
 
 
 def make_extract_step(model, preprocess, strategy=None):
@@ -726,8 +785,8 @@ def make_extract_step(model, preprocess, strategy=None):
     return distributed_step
 
 
-def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path,
-                    settings: ExtractSettings, attrs: dict, dtype: str = "float32", strategy=None) -> int:
+def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path, settings: ExtractSettings,
+                    batch_size: int, strategy=None) -> int:
     """Run every train2 and test2 image through `step` (see make_extract_step) into an HDF5 file, batch by batch.
 
     `shape` is one output row's shape. Memory stays flat whatever the image count; the file appears
@@ -736,107 +795,108 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
     import tensorflow as tf
 
     split, parts, ids = image_parts(data_dir)
-    writer = FeatureWriter(out_path, split.filename, split.label, ids, shape, dtype,
-                           {**settings.attrs(), **attrs, **versions()})
-    try:
+    attrs = {**settings.attrs(), **versions()}
+    with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs) as writer:
         for part, paths in parts.items():
-            ds = image_dataset(paths, settings.image_size, settings.batch_size, settings.interpolation,
+            ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
                                settings.jpeg_draft, decoder=settings.decoder)
             if strategy is not None and strategy.num_replicas_in_sync > 1:
                 ds = strategy.experimental_distribute_dataset(ds)
-            n_batches = math.ceil(len(paths) / settings.batch_size)
             batches = iter(ds)
-            for k in _progress(range(n_batches), f"{out_path.stem} {part}"):
+            for k in progress(range(math.ceil(len(paths) / batch_size)), f"{out_path.stem} {part}"):
                 try:
                     x = next(batches)
                 except tf.errors.OpError as e:
-                    chunk = paths[k * settings.batch_size:(k + 1) * settings.batch_size]
+                    chunk = paths[k * batch_size:(k + 1) * batch_size]
                     bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
                     raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
                                       f"rerun 01_reorganize_data.py, which skips broken files") from e
-                writer.append(part, step(x).numpy().astype(dtype))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+                writer.append(part, step(x).numpy().astype(settings.dtype))
+        writer.commit()
     return sum(len(p) for p in parts.values())
 
 
-def _progress(it, desc: str):
+def progress(it, desc: str):
+    """A tqdm progress bar over `it` (batches)."""
     from tqdm import tqdm
     return tqdm(it, desc=desc, unit="batch", leave=False, mininterval=1.0)
 
 
 @dataclass
 class Features:
-    """Aligned feature matrices of one or more backbones, in split.csv / test-id order."""
+    """Aligned feature matrices of one or more backbones: `labelled` holds every labelled row (split.csv
+    order, its train and valid rows), `test` every test row (id order)."""
     names: list[str]
-    train: list[np.ndarray]
+    labelled: list[np.ndarray]
     labels: np.ndarray
-    train_files: np.ndarray
-    valid: np.ndarray        # boolean mask of validation rows, from split.csv
+    files: np.ndarray        # labelled rows' file names
+    valid: np.ndarray        # boolean mask of split.csv's valid rows
     test: list[np.ndarray]
     test_ids: np.ndarray
     attrs: list[dict]
     paths: list[Path]
 
-    def part(self, subset: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """(inputs, labels) of the 'train' or 'valid' rows."""
-        mask = self.valid if subset == "valid" else ~self.valid
-        return [x[mask] for x in self.train], self.labels[mask]
+    def subset(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(inputs, labels) of split.csv's 'train' or 'valid' rows."""
+        if name not in ("train", "valid"):
+            raise ValueError(f"subset is 'train' or 'valid', not {name!r}")
+        mask = self.valid if name == "valid" else ~self.valid
+        return [x[mask] for x in self.labelled], self.labels[mask]
 
     def predict(self, model, part: str, batch_size: int = 256) -> np.ndarray:
-        """Dog probabilities of the 'train' or 'test' rows, from the loaded matrices or, when that part was
-        not loaded (maps files are too big for RAM), streamed from the files in contiguous slices."""
-        loaded = self.train if part == "train" else self.test
+        """Dog probabilities of the 'labelled' or 'test' rows: the one predict entry point for models fed
+        from feature files. Parts not loaded (maps files are too big for RAM) are streamed from the files
+        in contiguous slices."""
+        loaded = {"labelled": self.labelled, "test": self.test}[part]
         if loaded:
-            return predict(model, loaded)
+            return np.asarray(model.predict(model_inputs(loaded), batch_size=batch_size, verbose=0)).ravel()
         import h5py
-        files = [h5py.File(p, "r") for p in self.paths]
-        try:
-            n = files[0][part].shape[0]
-            out = [np.asarray(model.predict_on_batch(model_inputs([f[part][s:s + batch_size] for f in files])))
-                   for s in _progress(range(0, n, batch_size), f"predict {part}")]
-        finally:
-            for f in files:
-                f.close()
+        key = "train" if part == "labelled" else "test"  # the files' dataset names
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(h5py.File(p, "r")) for p in self.paths]
+            n = files[0][key].shape[0]
+            out = [np.asarray(model.predict_on_batch(model_inputs([f[key][s:s + batch_size] for f in files])))
+                   for s in progress(range(0, n, batch_size), f"predict {part}")]
         return np.concatenate(out).ravel() if out else np.zeros(0, np.float32)
 
 
-def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Iterable[str] = ("train", "test"),
+def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Iterable[str] = ("labelled", "test"),
                   ) -> Features:
-    """Load feature files and check they line up row by row with each other and with split.csv."""
+    """Load feature files and check they line up row by row with split.csv and the test images on disk."""
     import h5py
     split = read_split(data_dir)
-    out = {"train": [], "test": []}
-    labels = train_files = test_ids = None
+    test_ids = laid_out_test_ids(data_dir)
+    out = {"labelled": [], "test": []}
     attrs, paths = [], []
     for name in model_names:
         path = feature_path(data_dir, name)
-        paths.append(path)
         state = feature_file_state(path)
         if state is None:
-            step = "04_finetune_split.py" if name.endswith("_maps") else "02_extract_features.py"
-            raise CatDogError(f"{path} is missing or incomplete: run {step} --models {name.split('_')[0]}")
+            step = "04_finetune_split.py" if name.endswith("_maps") else f"02_extract_features.py --models {name}"
+            raise CatDogError(f"{path} is missing or incomplete: run {step}")
+        mismatch = rows_mismatch(path, split, test_ids)
+        if mismatch:
+            step = "04_finetune_split.py --force" if name.endswith("_maps") else "02_extract_features.py --force"
+            raise CatDogError(f"{path}: {mismatch}: rerun {step}")
         with h5py.File(path, "r") as f:
-            files = f["train_files"][:].astype(str)
-            if len(files) != len(split) or not np.array_equal(files, split.filename.to_numpy(str)):
-                raise CatDogError(f"{path}: its {len(files)} rows do not match the order of {SPLIT_CSV} "
-                                  f"({len(split)} rows); it was extracted before 01 was rerun: rerun 02 with --force")
-            ids = f["test_ids"][:]
-            if test_ids is not None and not np.array_equal(ids, test_ids):
-                raise CatDogError(f"{path}: its test ids differ from {model_names[0]}'s: rerun 02 with --force")
-            labels, train_files, test_ids = f["label"][:], files, ids
             for part in parts:
-                out[part].append(f[part][:])
+                out[part].append(f["train" if part == "labelled" else "test"][:])
         attrs.append(state)
-    return Features(list(model_names), out["train"], labels.astype(np.float32), train_files,
+        paths.append(path)
+    return Features(list(model_names), out["labelled"], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
                     (split.subset == "valid").to_numpy(), out["test"], test_ids, attrs, paths)
 
 
 # =============================================================================
 # Heads
 # =============================================================================
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow. Call it before building any layer: Keras 3 draws each
+    initializer's and Dropout's seed when the layer is created, so seeding after building is too late."""
+    import keras
+    keras.utils.set_random_seed(seed)
+
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0, decay: float = 0.0,
                    rho: float = 0.95):
@@ -853,285 +913,199 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0, decay
     raise CatDogError(f"unknown optimizer {name!r}: use adadelta or sgd")
 
 
-def build_head(input_dims: dict[str, int], dropout: float = 0.5, optimizer=None):
-    """The report's head: one Input per backbone -> Concatenate (if several) -> Dropout -> Dense(1, sigmoid)."""
+def build_head(input_dims: dict[str, int], dropout: float, optimizer, seed: int):
+    """The report's head: one Input per backbone -> Concatenate (if several) -> Dropout -> Dense(1, sigmoid).
+
+    Seeds first, so the same seed builds the same initial weights and dropout masks in any process.
+    """
     import keras
+    set_seed(seed)
     inputs = [keras.Input((dim,), name=name) for name, dim in input_dims.items()]
     x = inputs[0] if len(inputs) == 1 else keras.layers.Concatenate(name="concat")(inputs)
     x = keras.layers.Dropout(dropout)(x)
     out = keras.layers.Dense(1, activation="sigmoid", name="prediction")(x)
     # Keras scope names may not contain '+', so "ResNet50+Xception" is named "head_ResNet50_Xception".
     model = keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name="head_" + "_".join(input_dims))
-    model.compile(optimizer=optimizer or make_optimizer("adadelta", 1.0),
-                  loss="binary_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=["accuracy"])
     return model
+
+
+def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelta", sgd_lr: float = 0.01) -> None:
+    """Training flags shared by 03, 04 and 05; defaults are the report's. --lr defaults by optimizer."""
+    p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="training epochs")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="rows per training batch")
+    p.add_argument("--optimizer", default=optimizer, choices=["adadelta", "sgd"], help="optimizer")
+    p.add_argument("--lr", type=POSITIVE,
+                   help=f"learning rate (default: 1.0 for adadelta, Keras 2's default that the report used; "
+                        f"{sgd_lr} for sgd)")
+    p.add_argument("--rho", type=number(float, 0, 1, low_open=True, high_open=True), default=0.95,
+                   help="Adadelta's decay rate rho")
+    p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
+    p.add_argument("--dropout", type=DROPOUT, default=0.5, help="dropout rate before the Dense layer")
+    p.set_defaults(sgd_lr=sgd_lr)
+
+
+def resolve_head_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill --lr's optimizer-dependent default (after parse_args; vars(args) then holds the value used)."""
+    if args.lr is None:
+        args.lr = 1.0 if args.optimizer == "adadelta" else args.sgd_lr
+    del args.sgd_lr
+    return args
+
+
+def clip_args(p: argparse.ArgumentParser) -> None:
+    """--clip-low/--clip-high, shared by every step that writes a submission; check with clip_range()."""
+    p.add_argument("--clip-low", type=PROBABILITY, default=CLIP[0], help="lowest probability submitted")
+    p.add_argument("--clip-high", type=PROBABILITY, default=CLIP[1], help="highest probability submitted")
+
+
+def clip_range(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[float, float]:
+    """The clip range, refused by argparse (before any work) unless low < high."""
+    if not args.clip_low < args.clip_high:
+        p.error(f"--clip-low ({args.clip_low}) must be below --clip-high ({args.clip_high})")
+    return args.clip_low, args.clip_high
 
 
 # =============================================================================
 # Training
 # =============================================================================
 
+# Folders under --model-dir: what each step writes, and where later steps (04, 07) read it.
+SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR = "single", "finetune", "merge", "hyperopt"
+LOGS_DIR, ANALYSIS_DIR = "logs", "analysis"
+HYPEROPT_BEST = Path(HYPEROPT_DIR) / "best.keras"
+
+
 def model_inputs(xs: list[np.ndarray]):
     """A single array for one-input models, the list for merged ones."""
     return xs[0] if len(xs) == 1 else xs
 
 
-def fit_head(model, feats: Features, epochs: int, batch_size: int, log_dir: Path, seed: int,
-             callbacks: Sequence = (), verbose: int = 2) -> pd.DataFrame:
-    """Train on split.csv's train rows, validate on its valid rows; TensorBoard logs in `log_dir`.
-
-    Returns the history with a 1-based `epoch` column.
-    """
+def tensorboard(log_dir: Path):
+    """A TensorBoard callback writing to an emptied `log_dir` (a rerun would otherwise draw two curves)."""
     import keras
-    shutil.rmtree(log_dir, ignore_errors=True)  # a rerun would otherwise draw two curves in one run
-    keras.utils.set_random_seed(seed)
-    (xtr, ytr), (xva, yva) = feats.part("train"), feats.part("valid")
-    if len(yva) == 0:
-        raise CatDogError("split.csv has no valid rows: rerun 01 with a --valid-frac above 0")
-    hist = model.fit(model_inputs(xtr), ytr, validation_data=(model_inputs(xva), yva), epochs=epochs,
-                     batch_size=batch_size, shuffle=True, verbose=verbose,
-                     callbacks=[keras.callbacks.TensorBoard(str(log_dir)), *callbacks])
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return keras.callbacks.TensorBoard(str(log_dir))
+
+
+def fit(model, train, valid, epochs: int, callbacks: Sequence, batch_size: int | None = None,
+        initial_epoch: int = 0) -> pd.DataFrame:
+    """model.fit on (inputs, labels) arrays, or on a dataset that batches and shuffles itself; returns the
+    history with a 1-based `epoch` column."""
+    arrays = isinstance(train, tuple)
+    x, y = train if arrays else (train, None)
+    hist = model.fit(x, y, validation_data=valid, epochs=epochs, initial_epoch=initial_epoch,
+                     batch_size=batch_size if arrays else None, shuffle=arrays, verbose=2, callbacks=list(callbacks))
     df = pd.DataFrame(hist.history)
-    df.insert(0, "epoch", np.arange(1, len(df) + 1))
+    df.insert(0, "epoch", np.arange(initial_epoch + 1, initial_epoch + len(df) + 1))
     return df
 
 
-def summarize(name: str, history: pd.DataFrame, seed: int) -> dict:
-    """A results-table row: final val_loss/val_acc (the figure the report quotes) and the best epoch."""
+def fit_head(model, feats: Features, args: argparse.Namespace, log_dir: Path) -> tuple[pd.DataFrame, tuple]:
+    """Train a head on split.csv's train rows, validate on its valid rows; (history, valid data)."""
+    (xtr, ytr), (xva, yva) = feats.subset("train"), feats.subset("valid")
+    valid = (model_inputs(xva), yva)
+    hist = fit(model, (model_inputs(xtr), ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
+    return hist, valid
+
+
+def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, args: argparse.Namespace,
+               meta: dict, saved_epoch: int | None = None) -> dict:
+    """Evaluate the trained model on the valid rows, then save it, its sidecar and its history; returns the
+    results row, which describes exactly the saved model. Nothing is written for a run that diverged.
+
+    `saved_epoch` is the epoch whose weights the model holds (early stopping restores the best one);
+    default the last.
+    """
+    x, y = valid if isinstance(valid, tuple) else (valid, None)
+    scores = model.evaluate(x, y, verbose=0, return_dict=True)
+    if not all(math.isfinite(v) for v in scores.values()):
+        raise CatDogError(f"{name}: training diverged (val_loss {scores['loss']}); nothing was saved: "
+                          f"lower --lr")
+    saved_epoch = saved_epoch or int(history.epoch.iloc[-1])
     best = int(history.val_loss.idxmin())
-    return {"model": name, "val_loss": float(history.val_loss.iloc[-1]),
-            "val_acc": float(history.val_accuracy.iloc[-1]), "best_epoch": best + 1,
-            "best_val_loss": float(history.val_loss.iloc[best]), "epochs": len(history), "seed": seed}
+    row = {"model": name, "val_loss": scores["loss"], "val_acc": scores["accuracy"], "saved_epoch": saved_epoch,
+           "best_epoch": int(history.epoch[best]), "best_val_loss": float(history.val_loss[best]),
+           "epochs": len(history), "seed": args.seed}
+    write_csv(history, out_dir / f"{name}.history.csv")
+    save_model(model, out_dir / f"{name}.keras", {**meta, "args": args, "seed": args.seed, "val_loss": row["val_loss"],
+                                                  "val_acc": row["val_acc"], "saved_epoch": saved_epoch})
+    log.info(f"{name}: val_loss {row['val_loss']:.5f}, val_acc {row['val_acc']:.4f} of the saved model "
+             f"(epoch {saved_epoch}; best epoch {row['best_epoch']}: {row['best_val_loss']:.5f})")
+    return row
 
 
-def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelta", lr: float = 1.0) -> None:
-    """Training flags shared by the head-training scripts; defaults are the report's."""
-    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per training batch")
-    p.add_argument("--optimizer", default=optimizer, choices=["adadelta", "sgd"], help="optimizer")
-    p.add_argument("--lr", type=float, default=lr,
-                   help="learning rate (1.0 is Keras 2's Adadelta default, which the report used)")
-    p.add_argument("--rho", type=float, default=0.95, help="Adadelta's decay rate rho")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate before the Dense layer")
-
-
-def train_run(name: str, model, feats: Features, out_dir: Path, log_dir: Path, args: argparse.Namespace,
-              meta: dict, callbacks: Sequence = ()) -> tuple[dict, pd.DataFrame]:
-    """Fit, then save `<name>.keras`, its sidecar and `<name>.history.csv` in `out_dir`; returns (row, history)."""
-    hist = fit_head(model, feats, args.epochs, args.batch_size, log_dir, args.seed, callbacks)
-    write_csv(hist, out_dir / f"{name}.history.csv")
-    save_model(model, out_dir / f"{name}.keras", {"features": feats.names, "seed": args.seed,
-                                                  "feature_attrs": feats.attrs, **meta})
-    row = summarize(name, hist, args.seed)
-    log.info(f"{name}: val_loss {row['val_loss']:.5f}, val_acc {row['val_acc']:.4f} "
-             f"(best {row['best_val_loss']:.5f} at epoch {row['best_epoch']})")
-    return row, hist
-
-
-def write_results(rows: list[dict], out_dir: Path, title: str, baseline: str | None = None) -> pd.DataFrame:
-    """Merge `rows` into `out_dir/results.csv` (a rerun of one model replaces its row), print it,
+def write_results(rows: list[dict], out_dir: Path, title: str, baseline: str | None = None,
+                  show: bool = True) -> pd.DataFrame:
+    """Merge `rows` into `out_dir/results.csv` (a rerun of one model replaces its row), print it (`show`),
     and plot every listed model's val_loss curve into `out_dir/val_loss.png`."""
     path = out_dir / "results.csv"
     new = pd.DataFrame(rows)
-    if path.is_file():
+    with contextlib.suppress(FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError):
         old = pd.read_csv(path)
-        new = pd.concat([old[~old.model.isin(new.model)], new], ignore_index=True)
+        if "model" in old.columns:
+            new = pd.concat([old[~old.model.isin(new.model)], new], ignore_index=True)
     write_csv(new, path)
-    log.info(f"\n{title}\n" + new.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+    if show:
+        log.info(f"\n{title}\n" + new.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
     histories = {m: pd.read_csv(out_dir / f"{m}.history.csv") for m in new.model
                  if (out_dir / f"{m}.history.csv").is_file()}
-    if baseline and baseline not in histories:
-        baseline = None
-    plot_curves(histories, out_dir / "val_loss.png", title=title, baseline=baseline)
+    saved = dict(zip(new.model, new.get("saved_epoch", pd.Series(dtype=float)), strict=False))
+    plot_curves(histories, out_dir / "val_loss.png", title=title,
+                baseline=baseline if baseline in histories else None, marks=saved)
     return new
 
 
+def jsonable(value):
+    """Paths, numpy scalars and Namespaces as plain JSON values (sidecars store vars(args))."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value.item() if hasattr(value, "item") else value
+
+
 def save_model(model, path: str | Path, meta: dict) -> None:
-    """Save `<path>.keras` and its `<path>.json` sidecar (which feature files it reads, settings, seed)."""
+    """Save `<path>.keras` and its `<path>.json` sidecar: the run's whole configuration (`args`: every flag
+    with its resolved default), the feature files' settings, the seed and library versions, so that any
+    result can be rerun from its sidecar alone."""
     path = Path(path)
+    sidecar = jsonable({**meta, **versions()})
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-    write_json({**meta, **versions()}, path.with_suffix(".json"))
-    log.info(f"saved {path}")
+        write_json(sidecar, path.with_suffix(".json"))  # inside: the model is renamed only after its sidecar
+    log.info(f"saved {path} and its sidecar {path.with_suffix('.json').name}")
 
 
 def load_model(path: str | Path):
-    """A saved model and its sidecar metadata."""
+    """A saved model and its sidecar metadata, with a clear message for anything missing or broken."""
     import keras
     path = Path(path)
     meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise CatDogError(f"{path} (and its {meta_path.name}) not found: train it first or check --model")
-    return keras.models.load_model(path), json.loads(meta_path.read_text())
-
-
-# =============================================================================
-# Fine-tuning (split model, feature maps, frozen BatchNorm)
-# =============================================================================
-
-def split_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
-    """(extractor, tail): images -> `layer_name`'s output, and that output -> the model's output.
-
-    Both are views over the same layer objects, so the tail trains the full model's own weights.
-    A cut inside a block (a later layer also reading a tensor from before the cut) is refused.
-    """
-    import keras
+    for p in (path, meta_path):
+        if not p.is_file():
+            raise CatDogError(f"{p} not found: train the model first, or check --model")
     try:
-        cut = model.get_layer(layer_name)
-    except ValueError as e:
-        raise CatDogError(f"{model.name} has no layer {layer_name!r}") from e
-    # Walk the graph from the cut (Keras has no public API for a layer's consumers).
-    members = set(map(id, model.layers))
-    after, stack = {}, [cut]  # layers downstream of the cut, by id
-    while stack:
-        for node in stack.pop()._outbound_nodes:
-            op = node.operation
-            if id(op) in members and id(op) not in after:
-                after[id(op)] = op
-                stack.append(op)
-    for layer in after.values():
-        for t in layer._inbound_nodes[0].input_tensors:
-            src = t._keras_history.operation
-            if src is not cut and id(src) not in after:
-                raise CatDogError(f"cannot cut {model.name} at {layer_name}: {layer.name} after the cut also reads "
-                                  f"{src.name} from before it (the cut is inside a block); cut at a block output")
-    extractor = keras.Model(model.input, cut.output, name=f"{model.name}_to_{layer_name}")
-    tail = keras.Model(cut.output, model.output, name=f"{model.name}_from_{layer_name}")
-    return extractor, tail
-
-
-def freeze_batchnorm(model: keras.Model) -> int:
-    """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
-
-    `trainable = False` is what Keras 3 honours during fit(); `training=False` in a functional graph is
-    not (keras-team/keras#20285). Call it after any `trainable = True`, which would turn them back on.
-    Returns how many layers were frozen.
-    """
-    import keras
-    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in bns:
-        layer.trainable = False
-    return len(bns)
-
-
-def set_block_trainable(model: keras.Model, base: keras.Model, block: Sequence[keras.layers.Layer],
-                        train_block: bool) -> None:
-    """Only `block`'s layers of `base` train (when `train_block`), everything outside `base` (the head)
-    trains, BatchNorm never does. Recompile the model afterwards."""
-    model.trainable = True
-    inside = set(map(id, block))
-    for layer in base._flatten_layers(include_self=False):
-        layer.trainable = train_block and id(layer) in inside
-    freeze_batchnorm(model)
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CatDogError(f"{meta_path} is not a valid sidecar (not JSON: {e}): retrain {path.name}") from e
+    if not isinstance(meta, dict) or not meta.get("kind"):
+        raise CatDogError(f"{meta_path} is not a catdog sidecar (no 'kind'): retrain {path.name}")
+    try:
+        model = keras.models.load_model(path)
+    except Exception as e:  # Keras raises ValueError, OSError, zipfile errors... for a broken file
+        raise CatDogError(f"{path} is not a readable Keras model ({type(e).__name__}: {str(e)[:200]}): it may be "
+                          f"truncated; retrain it") from e
+    return model, meta
 
 
 def maps_name(backbone: str, layer: str) -> str:
-    """The feature-cache name of a backbone's maps at its split layer: data/features/<name>.h5."""
+    """The feature-cache name of a backbone's maps at its split layer (04): data/features/<name>.h5."""
     return f"{backbone}_{layer}_maps"
-
-
-def predict_images(model: keras.Model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
-    """Dog probabilities of images for a model fine-tuned end to end, fed the way it was trained."""
-    bb = get_backbone(meta["backbone"])
-    ds = image_dataset(paths, meta["image_size"], batch_size, meta["interpolation"], preprocess=bb.preprocess,
-                       decoder=meta.get("decoder", "pil"))
-    return np.asarray(model.predict(ds, verbose=0)).ravel()
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/meminfo") as f:
-            line = next(row for row in f if row.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-class MapRows:
-    """Rows of one part of a maps file, read from RAM or, when `in_ram` is False, from HDF5 on demand.
-
-    The HDF5 file is opened lazily (at the first read) so the object can be built cheaply and pickled.
-    """
-
-    def __init__(self, path: Path, part: str = "train", in_ram: bool = False):
-        import h5py
-        self.path, self.part, self.in_ram = Path(path), part, in_ram
-        with h5py.File(self.path, "r") as f:
-            ds = f[part]
-            self.shape, self.dtype = ds.shape, ds.dtype
-            self.array = ds[:] if in_ram else None
-        self._file = self._ds = None
-        self.read_seconds = 0.0
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The maps of `rows` (ascending indices), in that order."""
-        import time
-        start = time.perf_counter()
-        if self.in_ram:
-            out = self.array[rows]
-        else:
-            if self._ds is None:
-                import h5py
-                self._file = h5py.File(self.path, "r")
-                self._ds = self._file[self.part]
-            # Single-row reads over sorted rows: h5py's fancy indexing on the same rows is ~10-30x slower.
-            out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-            for j, i in enumerate(rows):
-                self._ds.read_direct(out, np.s_[int(i)], np.s_[j])
-        self.read_seconds += time.perf_counter() - start
-        return out
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_ds": None}
-
-
-@functools.cache
-def _map_batches_class():
-    import keras
-
-    class MapBatches(keras.utils.PyDataset):
-        """Batches of (maps, labels) over `rows` of a MapRows; a new seeded permutation each epoch when shuffled.
-
-        Each batch's rows are sorted (order inside a batch does not change a gradient step), so the in-RAM
-        and streaming sources give identical batches and HDF5 reads go forward.
-        """
-
-        def __init__(self, source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                     shuffle: bool, seed: int):
-            super().__init__()
-            self.source, self.rows, self.labels = source, np.asarray(rows), np.asarray(labels, np.float32)
-            self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-            self.epoch = 0
-            self.order = self._order()
-
-        def _order(self) -> np.ndarray:
-            if not self.shuffle:
-                return np.arange(len(self.rows))
-            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-
-        def __len__(self) -> int:
-            return math.ceil(len(self.rows) / self.batch_size)
-
-        def __getitem__(self, k: int):
-            pick = np.sort(self.order[k * self.batch_size:(k + 1) * self.batch_size])
-            # float16 maps go to the model as they are: its input layer casts them, faster than numpy would.
-            return self.source.read(self.rows[pick]), self.labels[pick]
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self.order = self._order()
-
-    return MapBatches
-
-
-def map_batches(source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool,
-                seed: int):
-    """A keras.utils.PyDataset of (maps, labels) batches; see MapBatches."""
-    return _map_batches_class()(source, rows, labels, batch_size, shuffle, seed)
 
 
 # =============================================================================
@@ -1151,11 +1125,6 @@ def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] |
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def predict(model, xs: list[np.ndarray], batch_size: int = 512) -> np.ndarray:
-    """Probabilities of dog, 1-D."""
-    return np.asarray(model.predict(model_inputs(xs), batch_size=batch_size, verbose=0)).ravel()
-
-
 # =============================================================================
 # Submission
 # =============================================================================
@@ -1164,19 +1133,23 @@ CLIP = (0.005, 0.995)
 
 
 def validate_submission(df: pd.DataFrame, expected_ids: Sequence[int], clip: tuple[float, float]) -> None:
-    """Refuse a submission Kaggle would reject or score badly: wrong header, ids, NaN, out of clip range."""
+    """Refuse a submission Kaggle would reject or score badly: wrong header, ids other than `expected_ids`
+    (the test images on disk), NaN, out of clip range."""
     problems = []
     if list(df.columns) != ["id", "label"]:
         problems.append(f"header is {','.join(map(str, df.columns))}, not id,label")
     else:
         expected = np.asarray(expected_ids)
-        ids = df["id"].to_numpy()
+        ids = pd.to_numeric(df["id"], errors="coerce").to_numpy()
         if len(df) != len(expected):
             problems.append(f"{len(df)} rows for {len(expected)} test images")
         if pd.Series(ids).duplicated().any():
             problems.append(f"duplicate ids, e.g. {pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]}")
-        if set(ids.tolist()) != set(expected.tolist()):
-            problems.append("ids are not exactly the test image ids")
+        missing, extra = set(expected.tolist()) - set(ids.tolist()), set(ids.tolist()) - set(expected.tolist())
+        if missing or extra:
+            problems.append("ids are not exactly the test image ids"
+                            + (f" (missing {sorted(missing)[:3]})" if missing else "")
+                            + (f" (not test images: {sorted(extra)[:3]})" if extra else ""))
         elif not np.array_equal(ids, np.sort(ids)):
             problems.append("ids are not in ascending order")
         labels = pd.to_numeric(df["label"], errors="coerce").to_numpy(dtype=float)
@@ -1188,79 +1161,25 @@ def validate_submission(df: pd.DataFrame, expected_ids: Sequence[int], clip: tup
         raise CatDogError("submission refused: " + "; ".join(problems))
 
 
-def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path,
+def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, expected_ids: Sequence[int],
                      clip: tuple[float, float] = CLIP) -> pd.DataFrame:
     """Clip dog probabilities to `clip` (a confident mistake costs far more log loss than it saves),
-    sort by id, validate and write `id,label` atomically."""
+    sort by id, check against `expected_ids` (laid_out_test_ids: the test images on disk) and write
+    `id,label` atomically."""
     if not 0 <= clip[0] < clip[1] <= 1:
         raise CatDogError(f"clip range must satisfy 0 <= low < high <= 1, got {clip}")
     df = pd.DataFrame({"id": np.asarray(ids, dtype=np.int64), "label": np.clip(np.asarray(probs, float), *clip)})
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
-    validate_submission(df, ids, clip)
+    validate_submission(df, expected_ids, clip)
     write_csv(df, path)
-    log.info(f"wrote {path} ({len(df)} rows)")
+    log.info(f"wrote {path} ({len(df)} rows, checked against the test images on disk)")
     return df
 
 
-def submit(model, feats: Features, path: str | Path, clip: tuple[float, float] = CLIP) -> pd.DataFrame:
-    """Predict the test rows of `feats` and write the clipped, validated Kaggle CSV."""
-    return write_submission(feats.test_ids, feats.predict(model, "test"), path, clip)
-
-
-# =============================================================================
-# kopt compatibility
-# =============================================================================
-# kopt 0.1.0 (the report's HyperOpt wrapper) was written for Keras 2 and PyYAML 5. import_kopt() patches
-# the three places where it breaks on Keras 3 / PyYAML 6; tests/test_hyperopt.py runs CompileFN end to
-# end so an upgrade that breaks it fails CI.
-#  1. kopt.config reads ~/.kopt/config.yaml with yaml.load() and no Loader, which PyYAML 6 rejects on the
-#     second import. It is imported with a safe default Loader, and with HOME pointed at `config_dir`
-#     so the file lands under --model-dir, not in the user's home folder.
-#  2. kopt.hyopt.eval_model zips model.metrics_names (Keras 3: ['loss', 'compile_metrics']) with
-#     evaluate()'s values, mislabelling metrics: replaced by evaluate(return_dict=True).
-#  3. CompileFN checkpoints to '<uuid>.h5', which Keras 3 writes in its legacy HDF5 format: the path
-#     is rewritten to '<uuid>.keras'.
-
-def _kopt_eval_model(model, test, add_eval_metrics={}):  # noqa: B006 - kopt's own signature
-    """kopt's eval_model with metrics named by Keras itself."""
-    metrics = {k: float(v) for k, v in
-               model.evaluate(test[0], test[1], verbose=0, batch_size=len(test[1]), return_dict=True).items()}
-    if add_eval_metrics:  # a second pass over the validation set only when extra metrics need predictions
-        y_pred = model.predict(test[0], verbose=0)
-        metrics.update({k: fn(test[1], y_pred) for k, fn in add_eval_metrics.items() if k not in metrics})
-    return metrics
-
-
-def import_kopt(config_dir: str | Path):
-    """kopt, imported and patched for Keras 3 and PyYAML 6 (see above); returns the module."""
-    import keras
-    import yaml
-
-    config_dir = Path(config_dir)
-    config_dir.mkdir(parents=True, exist_ok=True)
-    if "kopt" not in sys.modules:
-        real_load, home = yaml.load, os.environ.get("HOME")
-        yaml.load = functools.partial(real_load, Loader=yaml.SafeLoader)
-        os.environ["HOME"] = str(config_dir)
-        try:
-            import kopt
-        finally:
-            yaml.load = real_load
-            if home is None:
-                os.environ.pop("HOME", None)
-            else:
-                os.environ["HOME"] = home
-    import kopt
-    import kopt.hyopt
-
-    class KerasCheckpoint(keras.callbacks.ModelCheckpoint):
-        def __init__(self, filepath, *args, **kwargs):
-            super().__init__(re.sub(r"\.h5$", ".keras", filepath), *args, **kwargs)
-
-    kopt.hyopt.eval_model = _kopt_eval_model
-    kopt.hyopt.ModelCheckpoint = KerasCheckpoint
-    kopt.config.set_save_dir(str(config_dir))
-    return kopt
+def submit(model, feats: Features, path: str | Path, data_dir: str | Path, clip: tuple[float, float] = CLIP,
+           ) -> pd.DataFrame:
+    """Predict the test rows of `feats` and write the clipped Kaggle CSV, checked against the test images."""
+    return write_submission(feats.test_ids, feats.predict(model, "test"), path, laid_out_test_ids(data_dir), clip)
 
 
 # =============================================================================
@@ -1284,14 +1203,26 @@ def save_figure(fig, path: str | Path) -> None:
 
 
 def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, metric: str = "val_loss",
-                title: str = "", baseline: str | None = None) -> None:
-    """One line per run of `metric` by epoch (the report's TensorBoard charts); `baseline` drawn blue and thick."""
+                title: str = "", baseline: str | None = None, marks: dict[str, int] | None = None) -> None:
+    """One line per run of `metric` by epoch (the report's TensorBoard charts); `baseline` drawn blue and thick.
+
+    `marks` puts a star on each run's saved epoch; a history with a `phase` column gets a dotted line where
+    the phase changes (04's head-only warmup -> block + head).
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, h in histories.items():
         style = {"color": "tab:blue", "linewidth": 3} if name == baseline else {}
-        ax.plot(h.epoch, h[metric], marker="o", markersize=3, label=name, **style)
-    ax.set(xlabel="epoch", ylabel=metric, title=title)
+        (line,) = ax.plot(h.epoch, h[metric], marker="o", markersize=3, label=name, **style)
+        saved = (marks or {}).get(name)
+        if saved is not None and saved in set(h.epoch):
+            ax.plot([saved], h.loc[h.epoch == saved, metric], "*", markersize=14, color=line.get_color())
+        if "phase" in h and h.phase.nunique() > 1:
+            switch = int(h.epoch[(h.phase != h.phase.shift()).to_numpy()].iloc[1])
+            phase = h.phase[h.epoch == switch].iloc[0]
+            ax.axvline(switch - 0.5, linestyle=":", color=line.get_color(),
+                       label=f"{name}: {phase} from epoch {switch}")
+    ax.set(xlabel="epoch", ylabel=metric, title=title + ("  (*: saved epoch)" if marks else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)

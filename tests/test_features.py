@@ -166,7 +166,7 @@ def test_hard_kill_leftover_is_not_mistaken_for_complete(small_data):
     with pytest.raises(CatDogError, match="missing or incomplete"):
         helper.load_features(["VGG16"], small_data)
     extract(small_data)
-    assert helper.load_features(["VGG16"], small_data).train[0].shape == (12, 512)
+    assert helper.load_features(["VGG16"], small_data).labelled[0].shape == (12, 512)
 
 
 def test_load_features_refuses_a_file_from_another_split(small_data):
@@ -183,7 +183,7 @@ def test_load_features_refuses_misaligned_test_ids(small_data):
     run("02", "--data-dir", small_data, "--weights", "none", "--image-size", 32, "--models", "ResNet50")
     with h5py.File(small_data / "features" / "ResNet50.h5", "r+") as f:
         f["test_ids"][0] = 99
-    with pytest.raises(CatDogError, match="test ids differ"):
+    with pytest.raises(CatDogError, match="test rows do not match"):
         helper.load_features(["VGG16", "ResNet50"], small_data)
 
 
@@ -202,11 +202,11 @@ def test_missing_split_says_run_01(tmp_path):
 
 def test_mixed_precision_features_are_close(small_data):
     extract(small_data)
-    ref = helper.load_features(["VGG16"], small_data).train[0]
+    ref = helper.load_features(["VGG16"], small_data).labelled[0]
     extract(small_data, "--force", "--mixed-precision")
     import keras
     assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
-    got = helper.load_features(["VGG16"], small_data).train[0]
+    got = helper.load_features(["VGG16"], small_data).labelled[0]
     np.testing.assert_allclose(got, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
     assert pd.notna(got).all()
 

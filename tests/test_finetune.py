@@ -26,7 +26,7 @@ def test_split_model_equals_the_full_model_with_shared_layers(name):
     bb = helper.BACKBONES[name]
     keras.utils.set_random_seed(3)
     full = bb.build("none", SMALL[name], pooling=None)
-    extractor, tail = helper.split_model(full, bb.split_layer_name(full))
+    extractor, tail = script("04").split_model(full, bb.split_layer_name(full))
     x = np.random.default_rng(0).uniform(-1, 1, (2, SMALL[name], SMALL[name], 3)).astype(np.float32)
     expected = full.predict(x, verbose=0)
     got = tail.predict(extractor.predict(x, verbose=0), verbose=0)
@@ -41,16 +41,16 @@ def test_split_model_equals_the_full_model_with_shared_layers(name):
 def test_cut_inside_a_block_is_refused():
     full = helper.BACKBONES["ResNet50"].build("none", 32, pooling=None)
     with pytest.raises(CatDogError, match="conv5_block3_add after the cut also reads.*inside a block"):
-        helper.split_model(full, "conv5_block3_1_relu")
+        script("04").split_model(full, "conv5_block3_1_relu")
     with pytest.raises(CatDogError, match="no layer 'nope'"):
-        helper.split_model(full, "nope")
+        script("04").split_model(full, "nope")
 
 
 def classifier_on_tail(size=32):
     import keras
     keras.utils.set_random_seed(5)
     full = helper.BACKBONES["ResNet50"].build("none", size, pooling=None)
-    _, tail = helper.split_model(full, "conv5_block2_out")
+    _, tail = script("04").split_model(full, "conv5_block2_out")
     model = script("04").classifier(tail, tail.input_shape[1:], "maps", 0.5, "ft")
     x = np.random.default_rng(1).normal(size=(16, *tail.input_shape[1:])).astype(np.float16)
     y = (np.arange(16) % 2).astype(np.float32)
@@ -65,7 +65,7 @@ def bn_state(tail):
 def test_frozen_batchnorm_keeps_its_statistics_while_convs_train():
     import keras
     model, tail, x, y = classifier_on_tail()
-    helper.set_block_trainable(model, tail, tail.layers, True)
+    script("04").set_block_trainable(model, tail, tail.layers, True)
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "binary_crossentropy")
     before, kernel = bn_state(tail), tail.get_layer("conv5_block3_2_conv").kernel.numpy().copy()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
@@ -90,9 +90,9 @@ def test_without_freezing_keras_updates_batchnorm():
 
 def test_warmup_phase_trains_only_the_head():
     model, tail, _, _ = classifier_on_tail()
-    helper.set_block_trainable(model, tail, tail.layers, False)
+    script("04").set_block_trainable(model, tail, tail.layers, False)
     assert [w.path for w in model.trainable_weights] == ["prediction/kernel", "prediction/bias"]
-    helper.set_block_trainable(model, tail, tail.layers, True)
+    script("04").set_block_trainable(model, tail, tail.layers, True)
     names = {w.path.split("/")[0] for w in model.trainable_weights}
     assert names == {"conv5_block3_1_conv", "conv5_block3_2_conv", "conv5_block3_3_conv", "prediction"}
 
@@ -102,10 +102,11 @@ def maps_file(tmp_path):
     rng = np.random.default_rng(0)
     n, shape = 37, (2, 2, 8)
     path = tmp_path / "maps.h5"
-    w = helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16", {})
-    w.append("train", rng.normal(size=(n, *shape)).astype(np.float16))
-    w.append("test", np.zeros((1, *shape), np.float16))
-    w.close()
+    with helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16",
+                              {}) as w:
+        w.append("train", rng.normal(size=(n, *shape)).astype(np.float16))
+        w.append("test", np.zeros((1, *shape), np.float16))
+        w.commit()
     return path, n
 
 
@@ -113,8 +114,8 @@ def test_streaming_and_in_ram_batches_are_identical(maps_file):
     path, n = maps_file
     rows = np.arange(3, n)  # a subset, like split.csv's train rows
     labels = (rows % 2).astype(np.float32)
-    ram = helper.map_batches(helper.MapRows(path, in_ram=True), rows, labels, 8, True, seed=7)
-    stream = helper.map_batches(helper.MapRows(path, in_ram=False), rows, labels, 8, True, seed=7)
+    ram = script("04").map_batches(script("04").MapRows(path, in_ram=True), rows, labels, 8, True, seed=7)
+    stream = script("04").map_batches(script("04").MapRows(path, in_ram=False), rows, labels, 8, True, seed=7)
     assert stream.source.array is None and stream.source._ds is None  # nothing read until the first batch
     with h5py.File(path, "r") as f:
         truth = f["train"][:]
@@ -160,7 +161,7 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
     # The untouched tail + average pooling reproduces 02's ResNet50 features (same pipeline, same weights).
     keras.utils.set_random_seed(2018)
     full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE), pooling=None)
-    _, tail = helper.split_model(full, "conv5_block2_out")
+    _, tail = script("04").split_model(full, "conv5_block2_out")
     pooled = tail.predict(maps.astype(np.float32), verbose=0).mean(axis=(1, 2))
     with h5py.File(pipeline["data"] / "features" / "ResNet50.h5", "r") as f:
         np.testing.assert_allclose(pooled, f["train"][:], rtol=2e-2, atol=2e-2 * np.abs(f["train"][:]).mean())
@@ -170,9 +171,11 @@ def test_baseline_init_starts_as_03s_head(pipeline, finetuned):
     import keras
     keras.utils.set_random_seed(2018)
     full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE), pooling=None)
-    _, tail = helper.split_model(full, "conv5_block2_out")
+    _, tail = script("04").split_model(full, "conv5_block2_out")
     model = script("04").classifier(tail, tail.input_shape[1:], "maps", 0.5, "a")
-    weights, _ = script("04").baseline_head(pipeline["model"], "ResNet50")
+    settings = helper.ExtractSettings("ResNet50", int(IMAGE_SIZE), weights="none", split_layer="conv5_block2_out",
+                                      dtype="float16")
+    weights = script("04").baseline_head(pipeline["model"], settings)
     model.get_layer("prediction").set_weights(weights)
     head, _ = helper.load_model(pipeline["model"] / "single" / "ResNet50.keras")
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
@@ -193,7 +196,7 @@ def test_variants_results_and_logs(finetuned):
     assert base.best_val_loss == pytest.approx(single.best_val_loss)
     for name in variants:
         row = results.set_index("model").loc[name]
-        assert row.best_vs_baseline == pytest.approx(row.best_val_loss - base.best_val_loss)
+        assert row.vs_baseline == pytest.approx(row.val_loss - base.val_loss)
         hist = pd.read_csv(out / f"{name}.history.csv")
         assert len(hist) == 2 and hist.epoch.tolist() == [1, 2]
         assert hist.phase.tolist() == (["head", "block"] if name.endswith("warmup") else ["block", "block"])
@@ -228,7 +231,7 @@ print(json.dumps(m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0).rave
     # The saved weights are the best epoch's (early stopping restored them): 07's val log loss shows it.
     model, _ = helper.load_model(path)
     feats = helper.load_features([MAPS], pipeline["data"], parts=())
-    probs = feats.predict(model, "train")
+    probs = feats.predict(model, "labelled")
     best = pd.read_csv(finetuned["model"] / "finetune" / "results.csv").set_index("model").best_val_loss
     assert helper.log_loss(feats.labels[feats.valid], probs[feats.valid]) == pytest.approx(
         best["ResNet50_warmup"], rel=1e-3)
@@ -260,12 +263,69 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
     assert len(sub) == 15 and sub.label.between(*helper.CLIP).all()
 
 
-def test_augmentation_changes_training_images_only(pipeline):
-    paths = helper.train_image_paths(pipeline["data"], pipeline["split"])[:4]
-    plain = np.concatenate(list(helper.image_dataset(paths, 48, 4).as_numpy_iterator()))
-    aug = next(iter(helper.image_dataset(paths, 48, 4, labels=[0, 0, 1, 1], augment=helper.augmentation(1))))
-    assert aug[0].shape == plain.shape and aug[1].numpy().tolist() == [0, 0, 1, 1]
-    assert np.abs(aug[0].numpy() - plain).mean() > 1  # flipped/rotated/zoomed/shifted/sheared
+def test_augmentation_changes_training_images_only_and_differs_by_epoch(pipeline):
+    import argparse
+    split = pipeline["split"].iloc[:12].copy()
+    split["subset"] = ["train"] * 8 + ["valid"] * 4
+    settings = helper.ExtractSettings("ResNet50", 48)
+    args = argparse.Namespace(data_dir=pipeline["data"], seed=3, batch_size=4)
+    train, val = script("04").image_data(split, settings, args)
+    paths = helper.train_image_paths(pipeline["data"], split)
+    bb = helper.BACKBONES["ResNet50"]
+    plain = {s: np.concatenate(list(helper.image_dataset(paths[rows], 48, 4, preprocess=bb.preprocess)
+                                    .as_numpy_iterator()))
+             for s, rows in (("train", slice(0, 8)), ("valid", slice(8, 12)))}
+    got_val = np.concatenate([x for x, _ in val.as_numpy_iterator()])
+    np.testing.assert_array_equal(got_val, plain["valid"])  # validation images are never augmented
+    epochs = [np.concatenate([x for x, _ in train.as_numpy_iterator()]) for _ in range(2)]
+    assert epochs[0].shape == plain["train"].shape
+    by_row = [np.sort(e.reshape(len(e), -1).mean(axis=1)) for e in epochs]
+    assert np.abs(by_row[0] - np.sort(plain["train"].reshape(8, -1).mean(axis=1))).max() > 0
+    assert np.abs(epochs[0] - epochs[1]).mean() > 1  # a new draw (and order) each epoch
+
+
+def test_results_describe_the_saved_models(pipeline, finetuned):
+    """results.csv's val_loss is what each saved model scores on the valid rows, with the epoch and phase
+    its weights come from (early stopping restores the best block-phase epoch)."""
+    out = finetuned["model"] / "finetune"
+    results = pd.read_csv(out / "results.csv").set_index("model")
+    split = pipeline["split"]
+    valid = (split.subset == "valid").to_numpy()
+    with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
+        maps = f["train"][:][valid]
+    for name in ("ResNet50_random", "ResNet50_baseline", "ResNet50_warmup"):
+        model, meta = helper.load_model(out / f"{name}.keras")
+        loss = model.evaluate(maps, split.label.to_numpy(np.float32)[valid], verbose=0, return_dict=True)["loss"]
+        row = results.loc[name]
+        assert row.val_loss == pytest.approx(loss, abs=1e-5)
+        hist = pd.read_csv(out / f"{name}.history.csv").set_index("epoch")
+        assert hist.phase[row.saved_epoch] == row.saved_phase == "block"
+        block = hist[hist.phase == "block"]
+        assert row.saved_epoch == block.val_loss.idxmin()  # early stopping's best
+        assert hist.val_loss[row.saved_epoch] == pytest.approx(row.val_loss, abs=1e-5)
+        assert meta["saved_epoch"] == row.saved_epoch and meta["args"]["init"] == "all"
+
+
+def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monkeypatch):
+    module = script("04")
+    seen = {}
+    cls = module._map_batches_class()
+    real = cls.__getitem__
+
+    def recording(self, k):
+        x, y = real(self, k)
+        if self.shuffle:
+            seen.setdefault(id(self), []).append((self.epoch, k, self.rows[np.sort(
+                self.order[k * self.batch_size:(k + 1) * self.batch_size])].tolist()))
+        return x, y
+
+    monkeypatch.setattr(cls, "__getitem__", recording)
+    run("04", "--data-dir", pipeline["data"], "--model-dir", tmp_path, "--weights", "none", "--image-size",
+        IMAGE_SIZE, *HEAD, "--init", "all", "--epochs", 2, "--warmup-epochs", 1, "--load", "ram")
+    sequences = list(seen.values())
+    assert len(sequences) == 3  # a fresh batch source per variant
+    assert sequences[0] == sequences[1] == sequences[2]
+    assert {epoch for epoch, _, _ in sequences[0]} == {0, 1}
 
 
 def test_bad_input(pipeline, tmp_path):
@@ -277,5 +337,7 @@ def test_bad_input(pipeline, tmp_path):
         run("04", *d, *cnn, "--split-layer", "conv9")
     with pytest.raises(CatDogError, match="run 04_finetune_split.py"):
         helper.load_features(["ResNet50_conv4_block6_out_maps"], pipeline["data"])
+    with pytest.raises(CatDogError, match="nothing comes after it"):
+        run("04", *d, *cnn, "--split-layer", "conv5_block3_out")
     with pytest.raises(SystemExit):
         script("04").parse_args(["--model", "VGG16"])  # no split point registered

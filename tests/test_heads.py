@@ -33,7 +33,8 @@ def test_log_loss_by_hand():
 # ----------------------------------------------------------------------------- submission
 
 def test_write_submission_clips_and_sorts_ids_numerically(tmp_path):
-    df = helper.write_submission([10, 9, 1, 100], np.array([0.0, 1.0, 0.5, 0.3]), tmp_path / "s.csv")
+    df = helper.write_submission([10, 9, 1, 100], np.array([0.0, 1.0, 0.5, 0.3]), tmp_path / "s.csv",
+                                  [1, 9, 10, 100])
     assert df.id.tolist() == [1, 9, 10, 100]
     assert df.label.tolist() == [0.5, 0.995, 0.005, 0.3]
     text = (tmp_path / "s.csv").read_text().splitlines()
@@ -70,7 +71,7 @@ def test_validator_rejects_each_bad_case(bad, message):
 
 def test_bad_clip_range_is_refused(tmp_path):
     with pytest.raises(CatDogError, match="clip range"):
-        helper.write_submission([1], np.array([0.5]), tmp_path / "s.csv", (0.9, 0.1))
+        helper.write_submission([1], np.array([0.5]), tmp_path / "s.csv", [1], (0.9, 0.1))
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -146,7 +147,7 @@ def test_submission_is_valid_and_beats_chance(pipeline):
     best = merged.loc[merged.val_loss.idxmin(), "model"]
     expected = helper.load_features(best.split("+"), pipeline["data"])
     model, _ = helper.load_model(pipeline["model"] / "merge" / f"{best}.keras")
-    np.testing.assert_allclose(sub.label, np.clip(helper.predict(model, expected.test), 0.005, 0.995), atol=1e-6)
+    np.testing.assert_allclose(sub.label, np.clip(expected.predict(model, "test"), 0.005, 0.995), atol=1e-6)
 
 
 def test_analysis_outputs(pipeline):
@@ -197,5 +198,5 @@ def test_heads_refuse_missing_features(tmp_path):
 
 def test_sidecar_stores_settings(pipeline):
     meta = json.loads((pipeline["model"] / "merge" / "ResNet50+Xception.json").read_text())
-    assert meta["kind"] == "merge" and meta["epochs"] == 7 and meta["optimizer"] == "adadelta"
+    assert meta["kind"] == "merge" and meta["args"]["epochs"] == 7 and meta["args"]["optimizer"] == "adadelta"
     assert meta["feature_attrs"][0]["backbone"] == "ResNet50"

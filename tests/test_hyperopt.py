@@ -86,8 +86,9 @@ def test_rerun_with_more_evals_continues(pipeline, tmp_path):
 
 
 def test_kopt_imports_twice_in_a_fresh_home(tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import helper; "
-            f"k = helper.import_kopt({str(tmp_path / 'cfg')!r}); helper.import_kopt({str(tmp_path / 'cfg')!r}); "
+    code = (f"import sys, importlib; sys.path.insert(0, {str(ROOT)!r}); "
+            "s = importlib.import_module('06_hyperopt_merge'); "
+            f"k = s.import_kopt({str(tmp_path / 'cfg')!r}); s.import_kopt({str(tmp_path / 'cfg')!r}); "
             "print(k.config.save_dir())")
     env = {**os.environ, "HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     (tmp_path / "home").mkdir()
@@ -101,7 +102,7 @@ def test_kopt_imports_twice_in_a_fresh_home(tmp_path):
 
 def test_kopt_compilefn_end_to_end_reports_keras_metrics(tmp_path):
     import keras
-    kopt = helper.import_kopt(tmp_path / "cfg")
+    kopt = script("06").import_kopt(tmp_path / "cfg")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 6)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.float32)
