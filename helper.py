@@ -1,6 +1,6 @@
 """Everything the numbered catdog scripts share.
 
-Sections: paths and CLI, Kaggle data, splitting, images, backbones,
+Sections: paths and CLI, Kaggle data, splitting, demo data, images, backbones,
 feature cache, heads, training, fine-tuning, metrics, submission, kopt compatibility, plots.
 TensorFlow and Keras are imported inside the functions that need them, so the
 data step (01) and `-h` stay fast and importing this module does no work.
