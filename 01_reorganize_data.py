@@ -7,13 +7,16 @@ data/train, data/test (or train.zip, test.zip) are read, never changed. Output:
   data/split.csv                         filename,label,subset: the one split every step uses
   data/eda/                              image-size statistics and plots
 Entries are symbolic links unless --copy. A rerun with the same settings changes nothing.
+--demo N first writes a generated dataset in Kaggle's layout, to try the pipeline without Kaggle's data.
 """
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,18 +28,151 @@ import helper
 from helper import CLASSES, CatDogError, log
 
 CHECK_CACHE = "file_check.csv"
+# Every row holds every number (0 where it does not apply), so the cache reads back with the types it was
+# written with and its keys match a fresh stat().
+CHECK_COLUMNS = {"folder": str, "name": str, "bytes": "int64", "mtime_ns": "int64", "width": "int64",
+                 "height": "int64", "format": str, "mode": str, "problem": str, "note": str}
+# Filled in before a row becomes a table: a missing number would turn its column into floats, which round
+# nanosecond mtimes and so miss the cache on every run.
+NO_FACTS = {column: "" if kind is str else 0 for column, kind in CHECK_COLUMNS.items()}
 DERIVED = (helper.TRAIN2, helper.SPLITTED, str(helper.TEST2.parent))
+DEMO_MARKER = ".demo.json"
 
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--valid-frac", type=float, default=0.2, help="share of each class held out for validation")
+    p.add_argument("--valid-frac", type=helper.number(float, 0, 1, low_open=True, high_open=True), default=0.2,
+                   help="share of each class held out for validation")
     p.add_argument("--exclude", metavar="FILE", help="training images to leave out, one name per line "
                    "(data/exclude_report.txt lists the report's mislabeled and non-pet images)")
     p.add_argument("--copy", action="store_true", help="copy files instead of symbolic links")
-    p.add_argument("--demo", type=int, metavar="N", help="first generate a demo dataset of N images per class")
-    p.add_argument("--workers", type=int, default=8, help="threads that check images")
+    p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
+                   help="first generate a demo dataset of N images per class")
+    p.add_argument("--workers", type=helper.POSITIVE_INT, default=8, help="threads that check images")
     return p.parse_args(argv)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object this step wrote, or None when missing; unreadable counts as missing, with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError:  # empty, garbled or not UTF-8
+        obj = None
+    if not isinstance(obj, dict):
+        log.warning(f"{path} is not a JSON object written by this step: treated as absent")
+        return None
+    return obj
+
+
+def no_space(where: Path, doing: str, need: int, hint: str = "") -> CatDogError:
+    """The error for a full disk, once the partial output is gone: how much room the step needs, and where."""
+    amount = f": it needs about {need / 1e6:,.1f} MB free there" if need else ""
+    return CatDogError(f"no space left on the disk of {where}/ while {doing}{amount}; the partial output was "
+                       f"removed: free some space{hint} and rerun")
+
+
+# ----------------------------------------------------------------------------- demo data
+
+def demo_image(rng: np.random.Generator, label: int, width: int, height: int):
+    """A noisy photo-like image: warm background and ellipses for cats, cool and boxes for dogs.
+
+    The colour and shape differ enough that even random-weight CNN features separate the
+    classes, while noise and overlap keep it from being trivially perfect.
+    """
+    from PIL import Image, ImageDraw
+
+    base = np.array([190, 120, 70] if label == 0 else [80, 120, 190], dtype=float)
+    colour = np.clip(base + rng.normal(0, 35, 3), 0, 255)
+    img = np.clip(colour + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(img)
+    draw = ImageDraw.Draw(im)
+    for _ in range(rng.integers(1, 4)):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        x1, y1 = x0 + rng.integers(width // 6, width // 2), y0 + rng.integers(height // 6, height // 2)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if label == 0 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+    return im
+
+
+def demo_size(rng: np.random.Generator) -> tuple[int, int]:
+    """Width and height like Kaggle's photos: at most 500 px, aspect mostly 1:2 to 2:1, often 4:3."""
+    long_side = int(rng.integers(250, 501))
+    aspect = float(rng.choice([4 / 3, 3 / 4, 1.0, rng.uniform(0.5, 2.0)]))
+    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
+    return int(w), int(h)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def not_generated(data_dir: Path, generated: dict[str, str]) -> str | None:
+    """The first entry under train/ or test/ that the demo did not write, or that changed since; None if none."""
+    for sub in ("train", "test"):
+        folder = data_dir / sub
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            return sub
+        if not folder.is_dir():
+            continue
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            rel = f"{sub}/{entry.name}"
+            # Checked by content too: a user's photo copied over a generated name is the user's.
+            if (rel not in generated or not entry.is_file(follow_symlinks=False)
+                    or sha256(Path(entry.path)) != generated[rel]):
+                return rel
+    return None
+
+
+def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = helper.DEFAULT_SEED) -> Path:
+    """Write a demo dataset in Kaggle's layout: train/{cat,dog}.N.jpg, test/N.jpg, plus test truth.
+
+    Quirks of the real data are included: cat.0 is over 1000 px wide and dog.1 is grayscale.
+    `demo_test_labels.csv` keeps the test labels so a demo submission can be scored. The marker
+    .demo.json records every file written and its sha256: a later --demo N replaces those and refuses to
+    run if train/ or test/ hold anything else, so it can never delete the user's images.
+    """
+    if n_per_class < 2:
+        raise CatDogError("--demo needs at least 2 images per class")
+    data_dir = Path(data_dir)
+    marker = data_dir / DEMO_MARKER
+    spec = {"n_per_class": n_per_class, "seed": seed}
+    old = read_json(marker) or {}
+    generated = old.get("files") if isinstance(old.get("files"), dict) else {}
+    if {k: old.get(k) for k in spec} == spec and all((data_dir / r).is_file() for r in generated):
+        log.info(f"demo data in {data_dir} already made with {spec}: kept")
+        return data_dir
+    stray = not_generated(data_dir, generated)
+    if stray:
+        raise CatDogError(f"{data_dir / stray} is not demo data (--demo did not write it, or it changed since): "
+                          "--demo replaces only the files it wrote; use an empty --data-dir for --demo")
+    for rel in generated:
+        (data_dir / rel).unlink(missing_ok=True)
+    files = {}
+
+    def save(im, rel: str) -> None:
+        with helper.atomic_path(data_dir / rel) as tmp:
+            im.save(tmp, format="JPEG", quality=85)
+        files[rel] = sha256(data_dir / rel)
+        # Kept current (without the settings until the end), so an interrupted run can still be replaced.
+        helper.write_json({"files": files}, marker)
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        for i in range(n_per_class):
+            w, h = (1100, 800) if (label, i) == (0, 0) else demo_size(rng)
+            im = demo_image(rng, label, w, h)
+            save(im.convert("L") if (label, i) == (1, 1) else im, f"train/{name}.{i}.jpg")
+    n_test = max(2, n_per_class // 2)
+    truth = rng.integers(0, 2, n_test)
+    for i, label in enumerate(truth, start=1):
+        save(demo_image(rng, int(label), *demo_size(rng)), f"test/{i}.jpg")
+    helper.write_csv(pd.DataFrame({"id": np.arange(1, n_test + 1), "label": truth}),
+                     data_dir / "demo_test_labels.csv")
+    helper.write_json({**spec, "files": files}, marker)
+    log.info(f"demo data: {2 * n_per_class} labelled and {n_test} test images written to {data_dir}")
+    return data_dir
 
 
 # ----------------------------------------------------------------------------- input
@@ -45,6 +181,9 @@ def ensure_folder(data: Path, sub: str) -> Path:
     """data/<sub>, extracted from data/<sub>.zip when only the zip is there."""
     folder, archive = data / sub, data / f"{sub}.zip"
     if folder.is_dir():
+        if archive.exists():
+            log.info(f"using {folder}/, not {archive}: the folder wins and the zip is not extracted again "
+                     f"(to use the zip, remove or rename {folder}/)")
         return folder
     if not archive.is_file():
         raise CatDogError(f"neither {folder}/ nor {archive} found: download train.zip and test.zip of "
@@ -52,11 +191,10 @@ def ensure_folder(data: Path, sub: str) -> Path:
     tmp = data / f".{sub}.extracting"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with zipfile.ZipFile(archive) as z:
-            for member in tqdm(z.infolist(), desc=f"extracting {archive.name}", unit="file"):
-                z.extract(member, tmp)
-    except zipfile.BadZipFile as e:
-        raise CatDogError(f"{archive}: not a valid zip ({e}); download it again") from e
+        extract(archive, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space; a half extraction is never used
+        raise
     inner = tmp / sub
     os.replace(inner if inner.is_dir() else tmp, folder)  # Kaggle's zips hold a top folder named like the zip
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,24 +202,62 @@ def ensure_folder(data: Path, sub: str) -> Path:
     return folder
 
 
+def extract(archive: Path, into: Path) -> None:
+    """Every member of `archive` under `into`; a bad zip or a full disk becomes one clear error."""
+    need = 0
+    try:
+        with zipfile.ZipFile(archive) as z:
+            members = z.infolist()
+            need = sum(m.file_size for m in members)
+            for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
+                z.extract(member, into)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise CatDogError(f"{archive}: not a valid zip ({e}); download it again") from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise no_space(archive.parent, f"extracting {archive.name}", need) from e
+        raise
+
+
+def read_check_cache(path: Path) -> pd.DataFrame:
+    """The checks of an earlier run; empty when there are none or the file is not one this step wrote."""
+    empty = pd.DataFrame(columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
+    if not path.is_file():
+        return empty
+    try:
+        cache = pd.read_csv(path, dtype=CHECK_COLUMNS, keep_default_na=False)  # an image may be named NA
+    except ValueError:  # empty, garbled, not UTF-8, or text where a number belongs
+        cache = None
+    if cache is None or list(cache.columns) != list(CHECK_COLUMNS):
+        log.warning(f"{path} is not a check cache written by this step: checking every image again")
+        return empty
+    return cache
+
+
 def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int) -> pd.DataFrame:
     """One row per entry of `folder`: name, size on disk, image header facts and the problem, if any.
 
     Images whose size and mtime match the cache are not decoded again, so reruns are quick.
     """
-    cached = {(r.name, r.bytes, r.mtime_ns): r for r in cache.itertuples(index=False)
-              if r.folder == folder.name} if len(cache) else {}
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    cached = {(r.name, r.bytes, r.mtime_ns): r._asdict()
+              for r in cache[cache.folder == folder.name].itertuples(index=False)}
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CatDogError(f"cannot list {folder}/ ({e.strerror}): check that it is a readable folder") from e
 
     def check(entry) -> dict:
-        row = {"folder": folder.name, "name": entry.name}
-        if not entry.is_file():
-            return {**row, "problem": "not a regular file"}
-        st = entry.stat()
+        row = {**NO_FACTS, "folder": folder.name, "name": entry.name}
+        try:
+            if not entry.is_file():
+                return {**row, "problem": "not a regular file"}
+            st = entry.stat()
+        except OSError as e:  # a symbolic link loop, or a link to itself
+            return {**row, "problem": f"unreadable ({e.strerror})"}
         row.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
         hit = cached.get((entry.name, st.st_size, st.st_mtime_ns))
         if hit is not None:
-            return hit._asdict()
+            return hit
         if parse(entry.name) is None:
             return {**row, "problem": "name does not match Kaggle's pattern "
                                       + ("cat.N.jpg / dog.N.jpg" if folder.name == "train" else "N.jpg")}
@@ -90,10 +266,73 @@ def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int) -> pd.D
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {folder.name}/",
                          unit="img", disable=len(entries) < 500))
-    df = pd.DataFrame(rows, columns=["folder", "name", "bytes", "mtime_ns", "width", "height",
-                                     "format", "mode", "problem", "note"])
-    df[["problem", "note"]] = df[["problem", "note"]].fillna("")
-    return df
+    return pd.DataFrame(rows, columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
+
+
+def holds(path: Path, df: pd.DataFrame) -> bool:
+    """True when `path` is exactly the CSV that helper.write_csv would write for `df`."""
+    return path.is_file() and path.read_bytes() == df.to_csv(index=False).encode()
+
+
+# ----------------------------------------------------------------------------- choosing the images
+
+def refuse_duplicate_ids(folder: Path, names, parse, fix: str) -> None:
+    """Names differing only in leading zeros (`cat.1.jpg`, `cat.01.jpg`) stand for one Kaggle id."""
+    first = {}
+    for name in names:
+        other = first.setdefault(parse(name), name)
+        if other != name:
+            raise CatDogError(f"{folder / other} and {folder / name} have the same image id: {fix}")
+
+
+def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path],
+                  exclude: str | None) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """The training and test images to use, and the names --exclude removed; refuses what cannot train."""
+    train_ok = checks["train"][checks["train"].problem == ""]
+    test_ok = checks["test"][checks["test"].problem == ""]
+    if train_ok.empty or test_ok.empty:
+        which = folders["train"] if train_ok.empty else folders["test"]
+        raise CatDogError(f"no usable images in {which}/ (see the messages above)")
+    excluded = set()
+    if exclude:
+        wanted = set(helper.read_name_list(exclude))
+        excluded = wanted & set(train_ok.name)
+        for name in sorted(wanted - excluded):
+            log.warning(f"--exclude {exclude}: {name} is not among the usable training images")
+    labels_before = {helper.parse_train_name(n)[0] for n in train_ok.name}
+    train_ok = train_ok[~train_ok.name.isin(excluded)]
+    labels = {helper.parse_train_name(n)[0] for n in train_ok.name}
+    for label, cls in enumerate(CLASSES):
+        if label not in labels:
+            cause = f"--exclude {exclude} leaves none" if label in labels_before else "see the messages above"
+            raise CatDogError(f"no usable {cls} images in {folders['train']}/ ({cause}): training needs images of "
+                              f"both classes, named cat.N.jpg and dog.N.jpg")
+    refuse_duplicate_ids(folders["train"], train_ok.name, helper.parse_train_name,
+                         "remove or rename one of them, or leave one out with --exclude")
+    refuse_duplicate_ids(folders["test"], test_ok.name, helper.parse_test_name, "remove or rename one of them")
+    return train_ok, test_ok, excluded
+
+
+def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataFrame:
+    """filename, label, subset in label then numeric id order; refuses a split with an empty part."""
+    parsed = [helper.parse_train_name(n) for n in train_ok.name]
+    order = sorted(range(len(parsed)), key=lambda i: parsed[i])
+    split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
+                          "label": [parsed[i][0] for i in order]})
+    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed), "valid", "train")
+    counts = split.groupby(["subset", "label"]).size()
+    parts = {(s, lab): int(counts.get((s, lab), 0)) for s in ("train", "valid") for lab in range(len(CLASSES))}
+    if min(parts.values()) == 0:
+        shown = "; ".join(f"{s}: " + ", ".join(f"{cls} {parts[s, lab]}" for lab, cls in enumerate(CLASSES))
+                          for s in ("train", "valid"))
+        per_class = split.label.value_counts()
+        n, smallest = int(per_class.min()), CLASSES[int(per_class.idxmin())]
+        # round(n * f) is within 1..n-1 for every class when f is within [1/n, (n-1)/n] of the smallest one;
+        # integer hundredths keep the bounds inside that range.
+        advice = (f"use a --valid-frac from {-(-100 // n) / 100} to {100 * (n - 1) // n / 100}" if n >= 2 else
+                  f"each class needs at least 2 usable images, {smallest} has {n}")
+        raise CatDogError(f"--valid-frac {valid_frac} leaves a part of the split empty ({shown}): {advice}")
+    return split
 
 
 # ----------------------------------------------------------------------------- layout
@@ -125,14 +364,22 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
     """Build the derived folders beside the old ones, then swap them in: no stale entry survives."""
     tmp = data / ".reorganize.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    for rel, src in tqdm(plan.items(), desc="linking" if not copy else "copying", unit="file",
-                         disable=len(plan) < 2000):
-        dst = tmp / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if copy:
-            shutil.copy2(src, dst)
-        else:  # relative to the final place, so the data folder can move as a whole
-            os.symlink(os.path.relpath(src, (data / rel).parent), dst)
+    try:
+        for rel, src in tqdm(plan.items(), desc="linking" if not copy else "copying", unit="file",
+                             disable=len(plan) < 2000):
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if copy:
+                shutil.copy2(src, dst)
+            else:  # relative to the final place, so the data folder can move as a whole
+                os.symlink(os.path.relpath(src, (data / rel).parent), dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # gives the space back; the originals are untouched
+        if e.errno == errno.ENOSPC:
+            need = sum(src.stat().st_size for src in plan.values()) if copy else 0
+            raise no_space(data, "copying" if copy else "linking", need,
+                           " (or leave out --copy: links take almost none)" if copy else "") from e
+        raise
     for top in DERIVED:
         old = data / f".{top}.old"
         if (data / top).exists():
@@ -146,11 +393,16 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
 # ----------------------------------------------------------------------------- EDA
 
 def write_eda(data: Path, checks: pd.DataFrame) -> None:
-    """The report's size scatter (with and without the >1000 px outliers) and aspect-ratio histogram."""
-    plt = helper.pyplot()
+    """The report's size scatter (with and without the >1000 px outliers) and aspect-ratio histogram.
+
+    Redrawn only when the training images changed: the seed or the split do not change them.
+    """
     eda = data / "eda"
-    sizes = checks[["name", "width", "height"]].copy()
+    sizes = checks[["name", "width", "height"]].reset_index(drop=True)
     sizes["aspect"] = sizes.width / sizes.height
+    if holds(eda / "sizes.csv", sizes) and (eda / "sizes.png").is_file() and (eda / "aspect.png").is_file():
+        return
+    plt = helper.pyplot()
     helper.write_csv(sizes, eda / "sizes.csv")
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     small = sizes[(sizes.width <= 1000) & (sizes.height <= 1000)]
@@ -163,6 +415,7 @@ def write_eda(data: Path, checks: pd.DataFrame) -> None:
     ax.hist(sizes.aspect.clip(0, 3), bins=60)
     ax.set(xlabel="aspect ratio (width / height)", ylabel="images", title="aspect ratios")
     helper.save_figure(fig, eda / "aspect.png")
+    log.info(f"wrote {eda}/: image sizes and aspect ratios of the {len(sizes)} usable training images")
 
 
 # ----------------------------------------------------------------------------- main
@@ -177,53 +430,38 @@ def report_problems(checks: pd.DataFrame) -> None:
 def main(args):
     data = Path(args.data_dir)
     if args.demo:
-        helper.make_demo_dataset(data, args.demo, args.seed)
+        make_demo_dataset(data, args.demo, args.seed)
     folders = {sub: ensure_folder(data, sub) for sub in ("train", "test")}
 
     cache_path = data / CHECK_CACHE
-    cache = pd.read_csv(cache_path, keep_default_na=False) if cache_path.is_file() else pd.DataFrame()
+    cache = read_check_cache(cache_path)
     checks = {sub: check_folder(folders[sub], parse, cache, args.workers)
               for sub, parse in (("train", helper.parse_train_name), ("test", helper.parse_test_name))}
-    helper.write_csv(pd.concat(checks.values()), cache_path)
-    report_problems(pd.concat(checks.values()))
+    table = pd.concat(checks.values(), ignore_index=True)
+    if not holds(cache_path, table):  # left alone otherwise, so a rerun changes nothing on disk
+        helper.write_csv(table, cache_path)
+    report_problems(table)
 
-    train_ok = checks["train"][checks["train"].problem == ""]
-    excluded = set()
-    if args.exclude:
-        wanted = set(helper.read_name_list(args.exclude))
-        excluded = wanted & set(train_ok.name)
-        for name in sorted(wanted - excluded):
-            log.warning(f"--exclude {args.exclude}: {name} is not among the usable training images")
-    train_ok = train_ok[~train_ok.name.isin(excluded)]
-    test_ok = checks["test"][checks["test"].problem == ""]
-    if train_ok.empty or test_ok.empty:
-        which = folders["train"] if train_ok.empty else folders["test"]
-        raise CatDogError(f"no usable images in {which}/ (see the messages above)")
-
-    parsed = [helper.parse_train_name(n) for n in train_ok.name]
-    order = sorted(range(len(parsed)), key=lambda i: parsed[i])  # by label, then numeric id
-    split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
-                          "label": [parsed[i][0] for i in order]})
-    split["subset"] = np.where(helper.stratified_split(split.label, args.valid_frac, args.seed), "valid", "train")
+    train_ok, test_ok, excluded = usable_images(checks, folders, args.exclude)
+    split = make_split(train_ok, args.valid_frac, args.seed)
     test_names = sorted(test_ok.name, key=helper.parse_test_name)
 
-    split_text = split.to_csv(index=False)
     meta = {"seed": args.seed, "valid_frac": args.valid_frac, "copy": args.copy, "excluded": sorted(excluded),
-            "split_sha256": hashlib.sha256(split_text.encode()).hexdigest(),
+            "split_sha256": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
-    meta_path = data / helper.SPLIT_META
+    meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
     plan = planned_entries(data, split, test_names)
-    old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if old_meta == meta and (data / helper.SPLIT_CSV).is_file() and layout_matches(data, plan, args.copy):
+    old_meta = read_json(meta_path)
+    if (old_meta == meta and split_path.is_file() and sha256(split_path) == meta["split_sha256"]
+            and layout_matches(data, plan, args.copy)):
         log.info(f"{data}/ is already organized with these settings: nothing changed")
     else:
         build_layout(data, plan, args.copy)
-        helper.write_csv(split, data / helper.SPLIT_CSV)
+        helper.write_csv(split, split_path)
         helper.write_json(meta, meta_path)
         log.info(f"wrote {helper.TRAIN2}/, {helper.SPLITTED}/, {helper.TEST2}/ "
                  f"({'copies' if args.copy else 'links'}) and {helper.SPLIT_CSV} under {data}/")
-    if old_meta != meta or not (data / "eda" / "sizes.png").is_file():
-        write_eda(data, train_ok)
+    write_eda(data, train_ok)
 
     counts = split.groupby(["subset", "label"]).size()
     n_bad = {sub: int((c.problem != "").sum()) for sub, c in checks.items()}

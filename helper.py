@@ -252,8 +252,13 @@ def read_name_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CatDogError(f"{path}: no such file (give a text file with one image name per line)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise CatDogError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a text file with one "
+                          "image name per line") from None
     names = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(line)
@@ -299,87 +304,18 @@ def train_image_paths(data_dir: str | Path, split: pd.DataFrame) -> list[str]:
 
 
 def test_images(data_dir: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Test ids ascending numerically (`10.jpg` after `9.jpg`) and their paths under test2/test."""
+    """Test ids ascending numerically (`10.jpg` after `9.jpg`) and their paths under test2/test.
+
+    The paths are the files' own names: `01.jpg` is id 1 too, so a name is never rebuilt from its id.
+    """
     root = Path(data_dir) / TEST2
     if not root.is_dir():
         raise CatDogError(f"{root} not found: run 01_reorganize_data.py first")
-    ids = sorted(i for i in (parse_test_name(p.name) for p in root.iterdir()) if i is not None)
-    return np.asarray(ids, dtype=np.int64), [str(root / f"{i}.jpg") for i in ids]
-
-
-# =============================================================================
-# Demo data
-# =============================================================================
-
-DEMO_MARKER = ".demo.json"
-
-
-def _demo_image(rng: np.random.Generator, label: int, width: int, height: int):
-    """A noisy photo-like image: warm background and ellipses for cats, cool and boxes for dogs.
-
-    The colour and shape differ enough that even random-weight CNN features separate the
-    classes, while noise and overlap keep it from being trivially perfect.
-    """
-    from PIL import Image, ImageDraw
-
-    base = np.array([190, 120, 70] if label == 0 else [80, 120, 190], dtype=float)
-    colour = np.clip(base + rng.normal(0, 35, 3), 0, 255)
-    img = np.clip(colour + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-    im = Image.fromarray(img)
-    draw = ImageDraw.Draw(im)
-    for _ in range(rng.integers(1, 4)):
-        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
-        x1, y1 = x0 + rng.integers(width // 6, width // 2), y0 + rng.integers(height // 6, height // 2)
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if label == 0 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-    return im
-
-
-def _demo_size(rng: np.random.Generator) -> tuple[int, int]:
-    """Width and height like Kaggle's photos: at most 500 px, aspect mostly 1:2 to 2:1, often 4:3."""
-    long_side = int(rng.integers(250, 501))
-    aspect = float(rng.choice([4 / 3, 3 / 4, 1.0, rng.uniform(0.5, 2.0)]))
-    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
-    return int(w), int(h)
-
-
-def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = DEFAULT_SEED) -> Path:
-    """Write a demo dataset in Kaggle's layout: train/{cat,dog}.N.jpg, test/N.jpg, plus test truth.
-
-    Quirks of the real data are included: cat.0 is over 1000 px wide and dog.1 is grayscale.
-    `demo_test_labels.csv` keeps the test labels so a demo submission can be scored.
-    """
-
-    if n_per_class < 2:
-        raise CatDogError("--demo needs at least 2 images per class")
-    data_dir = Path(data_dir)
-    marker = data_dir / DEMO_MARKER
-    spec = {"n_per_class": n_per_class, "seed": seed}
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        log.info(f"demo data in {data_dir} already made with {spec}: kept")
-        return data_dir
-    for sub in ("train", "test"):
-        if (data_dir / sub).exists() and not marker.is_file():
-            raise CatDogError(f"{data_dir / sub} exists and is not demo data: use an empty --data-dir for --demo")
-    for sub in ("train", "test"):
-        shutil.rmtree(data_dir / sub, ignore_errors=True)
-        (data_dir / sub).mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        for i in range(n_per_class):
-            w, h = (1100, 800) if (label, i) == (0, 0) else _demo_size(rng)
-            im = _demo_image(rng, label, w, h)
-            if (label, i) == (1, 1):
-                im = im.convert("L")
-            im.save(data_dir / "train" / f"{name}.{i}.jpg", quality=85)
-    n_test = max(2, n_per_class // 2)
-    truth = rng.integers(0, 2, n_test)
-    for i, label in enumerate(truth, start=1):
-        _demo_image(rng, int(label), *_demo_size(rng)).save(data_dir / "test" / f"{i}.jpg", quality=85)
-    write_csv(pd.DataFrame({"id": np.arange(1, n_test + 1), "label": truth}), data_dir / "demo_test_labels.csv")
-    write_json(spec, marker)
-    log.info(f"demo data: {2 * n_per_class} labelled and {n_test} test images written to {data_dir}")
-    return data_dir
+    found = sorted((i, p.name) for p in root.iterdir() if (i := parse_test_name(p.name)) is not None)
+    for (i, a), (j, b) in itertools.pairwise(found):
+        if i == j:
+            raise CatDogError(f"{root / a} and {root / b} are both test id {i}: rerun 01_reorganize_data.py")
+    return np.asarray([i for i, _ in found], dtype=np.int64), [str(root / name) for _, name in found]
 
 
 # =============================================================================

@@ -12,6 +12,7 @@ and, in child processes, peak RSS of a whole extraction of N and 4N images (memo
 """
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ def make_images(root: Path, n: int, seed: int = 0) -> Path:
     """n labelled + n/4 test JPEGs in Kaggle's layout, organized by 01 (train2/, test2/, split.csv)."""
     data = root / f"data_{n}"
     if not (data / helper.SPLIT_CSV).is_file():
-        helper.make_demo_dataset(data, n // 2, seed)
+        importlib.import_module("01_reorganize_data").make_demo_dataset(data, n // 2, seed)  # repo root on sys.path
         script = Path(__file__).resolve().parents[1] / "01_reorganize_data.py"
         subprocess.run([sys.executable, str(script), "--data-dir", str(data)], check=True, capture_output=True)
     return data
