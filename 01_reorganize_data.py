@@ -17,6 +17,7 @@ import os
 import shutil
 import zipfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,6 +72,79 @@ def no_space(where: Path, doing: str, need: int, hint: str = "") -> CatDogError:
     amount = f": it needs about {need / 1e6:,.1f} MB free there" if need else ""
     return CatDogError(f"no space left on the disk of {where}/ while {doing}{amount}; the partial output was "
                        f"removed: free some space{hint} and rerun")
+
+
+# ----------------------------------------------------------------------------- image checks, names, split
+
+DECODABLE = ("JPEG", "PNG", "GIF")  # what tf.io.decode_jpeg reads
+
+
+def check_image(path: str | Path) -> dict:
+    """Header size, format and mode of an image, and `problem` (empty when usable).
+
+    The size comes from the header; the full decode is what catches truncated files.
+    Grayscale, CMYK and PNG content are usable: the pipeline converts them to RGB.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": ""}
+    path = Path(path)
+    if path.stat().st_size == 0:
+        info["problem"] = "empty file (0 bytes)"
+        return info
+    try:
+        with Image.open(path) as im:
+            info.update(width=im.width, height=im.height, format=im.format or "", mode=im.mode)
+            im.load()
+    except UnidentifiedImageError:
+        info["problem"] = "not an image (no known image format)"
+    except (OSError, SyntaxError, ValueError) as e:
+        info["problem"] = f"corrupt or truncated image ({e})"
+    if not info["problem"] and info["format"] not in DECODABLE:
+        info["problem"] = f"{info['format']} content: the pipeline decodes only JPEG, PNG and GIF"
+    if not info["problem"]:
+        notes = []
+        if info["format"] != "JPEG":
+            notes.append(f"{info['format']} content in a .jpg file")
+        if info["mode"] != "RGB":
+            notes.append(f"mode {info['mode']}")
+        info["note"] = ", ".join(notes) + (", decoded as RGB" if notes else "")
+    return info
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """File names, one per line; `#` starts a comment."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatDogError(f"{path}: no such file (give a text file with one image name per line)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise CatDogError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a text file with one "
+                          "image name per line") from None
+    names = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names
+
+
+def stratified_split(labels: Sequence[int], valid_frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: the same fraction of each class, fixed by `seed`.
+
+    Depends only on the row order and the labels, so it is stable across runs and machines.
+    """
+    if not 0 < valid_frac < 1:
+        raise CatDogError(f"--valid-frac must be between 0 and 1, got {valid_frac}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    valid = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_valid = int(round(len(rows) * valid_frac))
+        valid[rng.permutation(rows)[:n_valid]] = True
+    return valid
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -261,7 +335,7 @@ def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int) -> pd.D
         if parse(entry.name) is None:
             return {**row, "problem": "name does not match Kaggle's pattern "
                                       + ("cat.N.jpg / dog.N.jpg" if folder.name == "train" else "N.jpg")}
-        return {**row, **helper.check_image(entry.path)}
+        return {**row, **check_image(entry.path)}
 
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {folder.name}/",
@@ -295,7 +369,7 @@ def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path],
         raise CatDogError(f"no usable images in {which}/ (see the messages above)")
     excluded = set()
     if exclude:
-        wanted = set(helper.read_name_list(exclude))
+        wanted = set(read_name_list(exclude))
         excluded = wanted & set(train_ok.name)
         for name in sorted(wanted - excluded):
             log.warning(f"--exclude {exclude}: {name} is not among the usable training images")
@@ -319,7 +393,7 @@ def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataF
     order = sorted(range(len(parsed)), key=lambda i: parsed[i])
     split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
                           "label": [parsed[i][0] for i in order]})
-    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed), "valid", "train")
+    split["subset"] = np.where(stratified_split(split.label, valid_frac, seed), "valid", "train")
     counts = split.groupby(["subset", "label"]).size()
     parts = {(s, lab): int(counts.get((s, lab), 0)) for s in ("train", "valid") for lab in range(len(CLASSES))}
     if min(parts.values()) == 0:

@@ -44,8 +44,9 @@ def main(args):
         results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model",
                                        show=name == names[-1])
         if args.predict:
-            helper.submit(model, feats, Path(args.submissions_dir) / f"{name}.csv", args.data_dir,
-                          (args.clip_low, args.clip_high))
+            helper.write_submission(feats.test_ids, feats.predict(model, "test"),
+                                    Path(args.submissions_dir) / f"{name}.csv", helper.laid_out_test_ids(args.data_dir),
+                                    (args.clip_low, args.clip_high))
     return results
 
 

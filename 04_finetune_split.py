@@ -217,8 +217,8 @@ def _map_batches_class():
     class MapBatches(keras.utils.PyDataset):
         """Batches of (maps, labels) over `rows` of a MapRows; a new seeded permutation each epoch when shuffled.
 
-        The permutation depends only on (seed, epoch), so a fresh MapBatches replays the same batches: every
-        --init variant sees the same batch order. Each batch's rows are sorted (order inside a batch does not
+        The permutation depends only on (seed, epoch), with the epoch set by EpochOrder, so every --init
+        variant sees the same batches in the same epochs. Each batch's rows are sorted (order inside a batch does not
         change a gradient step), so the in-RAM and streaming sources give identical batches and HDF5 reads go
         forward.
         """
@@ -244,16 +244,34 @@ def _map_batches_class():
             # float16 maps go to the model as they are: its input layer casts them, faster than numpy would.
             return self.source.read(self.rows[pick]), self.labels[pick]
 
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
+        def set_epoch(self, epoch: int) -> None:
+            """Use training epoch `epoch`'s order (EpochOrder calls it as each epoch begins). Counting
+            on_epoch_end calls would not do: Keras also makes them when it peeks at batches for their shape."""
+            self.epoch = epoch
             self.order = self._order()
 
-    return MapBatches
+    class EpochOrder(keras.callbacks.Callback):
+        """Tells the training batches which epoch (as Keras numbers them, across fit calls) is starting."""
+
+        def __init__(self, batches: MapBatches):
+            super().__init__()
+            self.batches = batches
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.batches.set_epoch(epoch)
+
+    return MapBatches, EpochOrder
 
 
 def map_batches(source: MapRows, rows: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int):
     """A keras.utils.PyDataset of (maps, labels) batches; see MapBatches."""
-    return _map_batches_class()(source, rows, labels, batch_size, shuffle, seed)
+    return _map_batches_class()[0](source, rows, labels, batch_size, shuffle, seed)
+
+
+def epoch_order(batches):
+    """The callback that keeps `batches`' order on the training epoch: MapBatches' order depends only on
+    (seed, epoch), so every --init variant sees the same batches in the same epochs."""
+    return _map_batches_class()[1](batches)
 
 
 def open_maps(path: Path, args) -> MapRows:
@@ -346,6 +364,8 @@ def train_variant(model, base, block, train, val, args, log_dir: Path, init: str
     if init == "warmup" and warmup < args.warmup_epochs:
         log.info(f"warmup shortened to {warmup} epoch(s) to fit --epochs {args.epochs}")
     stop = keras.callbacks.EarlyStopping("val_loss", patience=args.patience, restore_best_weights=True, verbose=1)
+    # tf.data (--mode full) reshuffles per iteration from its seed by itself; the maps batches need telling.
+    order = [epoch_order(train)] if hasattr(train, "set_epoch") else []
     histories = []
     for phase, first, last in (("head", 0, warmup), ("block", warmup, args.epochs)):
         if last <= first:
@@ -356,7 +376,8 @@ def train_variant(model, base, block, train, val, args, log_dir: Path, init: str
                       "binary_crossentropy", metrics=["accuracy"])
         log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if phase == "block" else "head only")
                  + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights")
-        h = helper.fit(model, train, val, last, [tb] + ([stop] if phase == "block" else []), initial_epoch=first)
+        h = helper.fit(model, train, val, last, [tb, *order] + ([stop] if phase == "block" else []),
+                       initial_epoch=first)
         h.insert(1, "phase", phase)
         histories.append(h)
     # Early stopping restored its best epoch's weights (Keras passes absolute epoch numbers, 0-based).

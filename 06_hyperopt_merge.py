@@ -157,9 +157,10 @@ def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helpe
 def binding(args, feats: helper.Features) -> dict:
     """What a search is bound to: its backbones, space, per-trial training settings and feature files.
     Trials made under another binding cannot be continued (their best model would not match)."""
-    return helper.jsonable({"models": args.models, "space": SPACE, "epochs": args.epochs, "patience": args.patience,
-                            "batch_size": args.batch_size, "seed": args.seed,
-                            "features": [helper.ExtractSettings.of(a).attrs() for a in feats.attrs]})
+    # Through JSON and back: the form it is compared with when read from search.json.
+    return json.loads(json.dumps({"models": args.models, "space": SPACE, "epochs": args.epochs,
+                                  "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
+                                  "features": [helper.ExtractSettings.of(a).attrs() for a in feats.attrs]}))
 
 
 def check_binding(out_dir: Path, wanted: dict, has_trials: bool) -> None:
@@ -250,11 +251,11 @@ def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> p
         helper.write_csv(table.drop(columns="model_path"), out_dir / "trials.csv")
         plot_trials(table, out_dir / "val_loss_by_trial.png")
         sidecar = {"kind": "hyperopt", "features": feats.names, "feature_attrs": feats.attrs, "seed": args.seed,
-                   "args": args, "trial": int(best.trial), "epochs": int(best.epochs),
+                   "trial": int(best.trial), "epochs": int(best.epochs),
                    **{k: float(best[k]) for k in (*SPACE, "val_loss", "val_acc")}, **helper.versions()}
         with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:
             shutil.copyfile(best.model_path, tmp)
-            helper.write_json(helper.jsonable(sidecar), out_dir / "best.json")
+            helper.write_json({**sidecar, "args": vars(args)}, out_dir / "best.json")
         with helper.atomic_path(out_dir / "trials.pkl") as tmp, open(tmp, "wb") as f:
             pickle.dump(trials, f)
     return table

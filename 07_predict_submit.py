@@ -32,10 +32,16 @@ def parse_args(argv=None):
     return args
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a --model-dir that is a file, saying what to give instead."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CatDogError(f"--model-dir {model_dir} is a file, not a folder: give the folder that 03, 05 or 06 "
+                          f"saved their models in (default: model)")
+
+
 def pick_model(model_dir: Path) -> tuple[Path, str]:
     """The model to submit and why it was chosen."""
-    if model_dir.exists() and not model_dir.is_dir():
-        raise CatDogError(f"--model-dir {model_dir} is a file, not a folder")
+    check_model_dir(model_dir)
     best = model_dir / helper.HYPEROPT_BEST
     if best.is_file():
         return best, "hyperopt's best model (the report's final step)"
@@ -49,6 +55,23 @@ def pick_model(model_dir: Path) -> tuple[Path, str]:
                 return (model_dir / step / f"{row.model}.keras",
                         f"the {what} with the lowest val_loss in {results} ({row.val_loss:.5f})")
     raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
+
+
+def check_trained_on(model_path: str | Path, meta: dict, feats: helper.Features) -> None:
+    """Refuse to feed a saved model features made with other settings than those it was trained on
+    (e.g. 02 rerun at another --image-size), naming both."""
+    saved = meta.get("feature_attrs") or []
+    if len(saved) != len(feats.names):
+        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta.get('features')} "
+                          f"were made: retrain it")
+    for name, trained, now, path in zip(feats.names, saved, feats.attrs, feats.paths, strict=True):
+        changed = helper.setting_changes(trained, now)
+        if changed:
+            raise CatDogError(
+                f"{model_path} was trained on {name} features made with "
+                + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f", but {path} now has "
+                + ", ".join(f"{k}={now.get(k)}" for k in changed)
+                + ": rerun that step with the model's settings, or retrain the model")
 
 
 def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
@@ -68,7 +91,7 @@ def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tupl
         return feats, {part: predict_images(model, images[part], meta) for part in parts}
     streamed = any(name.endswith("_maps") for name in meta["features"])
     feats = helper.load_features(meta["features"], data_dir, parts=() if streamed else parts)
-    helper.check_trained_on(model_path, meta, feats)
+    check_trained_on(model_path, meta, feats)
     return feats, {part: feats.predict(model, part) for part in parts}
 
 
@@ -122,6 +145,8 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
 
 def main(args):
     output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
+    if args.analyze:  # --analyze writes under --model-dir even with --model: refuse a file there before any work,
+        check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
     path, why = (Path(args.model), "given by --model") if args.model else pick_model(Path(args.model_dir))
     model, meta = helper.load_model(path)
     log.info(f"model: {path} ({why})\n{describe(meta)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -211,80 +212,9 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-DECODABLE = ("JPEG", "PNG", "GIF")  # what tf.io.decode_jpeg reads
-
-
-def check_image(path: str | Path) -> dict:
-    """Header size, format and mode of an image, and `problem` (empty when usable).
-
-    The size comes from the header; the full decode is what catches truncated files.
-    Grayscale, CMYK and PNG content are usable: the pipeline converts them to RGB.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": ""}
-    path = Path(path)
-    if path.stat().st_size == 0:
-        info["problem"] = "empty file (0 bytes)"
-        return info
-    try:
-        with Image.open(path) as im:
-            info.update(width=im.width, height=im.height, format=im.format or "", mode=im.mode)
-            im.load()
-    except UnidentifiedImageError:
-        info["problem"] = "not an image (no known image format)"
-    except (OSError, SyntaxError, ValueError) as e:
-        info["problem"] = f"corrupt or truncated image ({e})"
-    if not info["problem"] and info["format"] not in DECODABLE:
-        info["problem"] = f"{info['format']} content: the pipeline decodes only JPEG, PNG and GIF"
-    if not info["problem"]:
-        notes = []
-        if info["format"] != "JPEG":
-            notes.append(f"{info['format']} content in a .jpg file")
-        if info["mode"] != "RGB":
-            notes.append(f"mode {info['mode']}")
-        info["note"] = ", ".join(notes) + (", decoded as RGB" if notes else "")
-    return info
-
-
-def read_name_list(path: str | Path) -> list[str]:
-    """File names, one per line; `#` starts a comment."""
-    path = Path(path)
-    if not path.is_file():
-        raise CatDogError(f"{path}: no such file (give a text file with one image name per line)")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise CatDogError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a text file with one "
-                          "image name per line") from None
-    names = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(line)
-    return names
-
-
 # =============================================================================
 # Splitting
 # =============================================================================
-
-def stratified_split(labels: Sequence[int], valid_frac: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: the same fraction of each class, fixed by `seed`.
-
-    Depends only on the row order and the labels, so it is stable across runs and machines.
-    """
-    if not 0 < valid_frac < 1:
-        raise CatDogError(f"--valid-frac must be between 0 and 1, got {valid_frac}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    valid = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        n_valid = int(round(len(rows) * valid_frac))
-        valid[rng.permutation(rows)[:n_valid]] = True
-    return valid
-
 
 def read_split(data_dir: str | Path) -> pd.DataFrame:
     """split.csv (filename, label, subset): the one split every step trains and validates on."""
@@ -555,11 +485,6 @@ class ExtractSettings:
     def attrs(self) -> dict:
         return dataclasses.asdict(self)
 
-    def differences(self, attrs: dict) -> list[str]:
-        """`key=stored (wanted value)` for each setting in which `attrs` (a file's attributes) differ."""
-        return [f"{k}={attrs.get(k)} (wanted {v})" for k, v in self.attrs().items()
-                if k in setting_changes(attrs, self.attrs())]
-
     @classmethod
     def of(cls, attrs: dict) -> ExtractSettings:
         """The settings stored in a file's (or sidecar's) attributes."""
@@ -574,23 +499,6 @@ def setting_changes(stored: dict, wanted: dict) -> list[str]:
     return [f.name for f in dataclasses.fields(ExtractSettings)
             if plain(stored.get(f.name)) != plain(wanted.get(f.name))
             and (f.name != "seed" or plain(wanted.get("weights")) == "none")]
-
-
-def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> None:
-    """Refuse to feed a saved model features made with other settings than those it was trained on
-    (e.g. 02 rerun at another --image-size), naming both."""
-    saved = meta.get("feature_attrs") or []
-    if len(saved) != len(feats.names):
-        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta.get('features')} "
-                          f"were made: retrain it")
-    for name, trained, now, path in zip(feats.names, saved, feats.attrs, feats.paths, strict=True):
-        changed = setting_changes(trained, now)
-        if changed:
-            raise CatDogError(
-                f"{model_path} was trained on {name} features made with "
-                + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f", but {path} now has "
-                + ", ".join(f"{k}={now.get(k)}" for k in changed)
-                + ": rerun that step with the model's settings, or retrain the model")
 
 
 def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
@@ -696,9 +604,10 @@ def stale_reason(path: Path, settings: ExtractSettings, split: pd.DataFrame, tes
     state = feature_file_state(path)
     if state is None:
         return "missing" if not path.exists() else "incomplete"
-    changed = settings.differences(state)
+    changed = setting_changes(state, settings.attrs())
     if changed:
-        return "made with other settings (" + ", ".join(changed) + ")"
+        return "made with other settings (" + ", ".join(f"{k}={state.get(k)}, now {getattr(settings, k)}"
+                                                         for k in changed) + ")"
     return rows_mismatch(path, split, test_ids)
 
 
@@ -747,7 +656,14 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
                     bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
                     raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
                                       f"rerun 01_reorganize_data.py, which skips broken files") from e
-                writer.append(part, step(x).numpy().astype(settings.dtype))
+                try:
+                    writer.append(part, step(x).numpy().astype(settings.dtype))
+                except OSError as e:  # h5py's write errors carry the errno in their text only
+                    if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                        raise
+                    need = sum(len(p) for p in parts.values()) * math.prod(shape) * np.dtype(settings.dtype).itemsize
+                    raise CatDogError(f"{out_path.parent} is full: {out_path.name} needs about {need / 2**20:,.0f} "
+                                      f"MiB there; the partial file was removed. Free space and rerun") from e
         writer.commit()
     return sum(len(p) for p in parts.values())
 
@@ -774,8 +690,6 @@ class Features:
 
     def subset(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
         """(inputs, labels) of split.csv's 'train' or 'valid' rows."""
-        if name not in ("train", "valid"):
-            raise ValueError(f"subset is 'train' or 'valid', not {name!r}")
         mask = self.valid if name == "valid" else ~self.valid
         return [x[mask] for x in self.labelled], self.labels[mask]
 
@@ -964,8 +878,9 @@ def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, ar
            "best_epoch": int(history.epoch[best]), "best_val_loss": float(history.val_loss[best]),
            "epochs": len(history), "seed": args.seed}
     write_csv(history, out_dir / f"{name}.history.csv")
-    save_model(model, out_dir / f"{name}.keras", {**meta, "args": args, "seed": args.seed, "val_loss": row["val_loss"],
-                                                  "val_acc": row["val_acc"], "saved_epoch": saved_epoch})
+    save_model(model, out_dir / f"{name}.keras", {**meta, "args": vars(args), "seed": args.seed,
+                                                  "val_loss": row["val_loss"], "val_acc": row["val_acc"],
+                                                  "saved_epoch": saved_epoch})
     log.info(f"{name}: val_loss {row['val_loss']:.5f}, val_acc {row['val_acc']:.4f} of the saved model "
              f"(epoch {saved_epoch}; best epoch {row['best_epoch']}: {row['best_val_loss']:.5f})")
     return row
@@ -992,25 +907,12 @@ def write_results(rows: list[dict], out_dir: Path, title: str, baseline: str | N
     return new
 
 
-def jsonable(value):
-    """Paths, numpy scalars and Namespaces as plain JSON values (sidecars store vars(args))."""
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value.item() if hasattr(value, "item") else value
-
-
 def save_model(model, path: str | Path, meta: dict) -> None:
     """Save `<path>.keras` and its `<path>.json` sidecar: the run's whole configuration (`args`: every flag
     with its resolved default), the feature files' settings, the seed and library versions, so that any
     result can be rerun from its sidecar alone."""
     path = Path(path)
-    sidecar = jsonable({**meta, **versions()})
+    sidecar = {**meta, **versions()}
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
         write_json(sidecar, path.with_suffix(".json"))  # inside: the model is renamed only after its sidecar
@@ -1110,12 +1012,6 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
     write_csv(df, path)
     log.info(f"wrote {path} ({len(df)} rows, checked against the test images on disk)")
     return df
-
-
-def submit(model, feats: Features, path: str | Path, data_dir: str | Path, clip: tuple[float, float] = CLIP,
-           ) -> pd.DataFrame:
-    """Predict the test rows of `feats` and write the clipped Kaggle CSV, checked against the test images."""
-    return write_submission(feats.test_ids, feats.predict(model, "test"), path, laid_out_test_ids(data_dir), clip)
 
 
 # =============================================================================

@@ -95,9 +95,9 @@ def cnn_alone(step, size: int, batch: int, parts: list[int], repeat: int = 3) ->
 
 def extract(step, bb, data: Path, size: int, batch: int, out: Path, draft: bool = False, repeat: int = 1) -> float:
     """02's code path, with a step already traced so tracing is not timed."""
-    settings = helper.ExtractSettings(size, batch, jpeg_draft=draft)
+    settings = helper.ExtractSettings(bb.name, size, jpeg_draft=draft)
     n = len(helper.read_split(data)) + len(helper.test_images(data)[0])
-    return rate(n, lambda: helper.extract_to_file(step, (bb.width,), data, out, settings, {}), repeat=repeat)
+    return rate(n, lambda: helper.extract_to_file(step, (bb.width,), data, out, settings, batch), repeat=repeat)
 
 
 def cnn_vs_extract(step, bb, data: Path, size: int, batch: int, out: Path, rounds: int = 3) -> tuple[float, float]:
@@ -117,7 +117,8 @@ def rss_child(data: str, size: str) -> None:
     bb = helper.BACKBONES["ResNet50"]
     step = helper.make_extract_step(bb.build("none", int(size)), bb.preprocess)
     with tempfile.TemporaryDirectory() as tmp:
-        helper.extract_to_file(step, (bb.width,), data, Path(tmp) / "f.h5", helper.ExtractSettings(int(size)), {})
+        helper.extract_to_file(step, (bb.width,), data, Path(tmp) / "f.h5", helper.ExtractSettings(bb.name, int(size)),
+                               64)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -25,6 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import helper  # noqa: E402
 
+reorganize = importlib.import_module("01_reorganize_data")
+
 MODELS = ["ResNet50", "InceptionV3", "Xception"]
 
 
@@ -45,19 +47,23 @@ def fake_features(data_dir: Path, rows: int) -> None:
     rng = np.random.default_rng(0)
     labels = np.arange(rows) % 2
     names = [f"{helper.CLASSES[y]}.{i}.jpg" for i, y in enumerate(labels)]
-    valid = helper.stratified_split(labels, 0.2, 0)
+    valid = reorganize.stratified_split(labels, 0.2, 0)
     data_dir.mkdir(parents=True, exist_ok=True)
     helper.write_csv(pd.DataFrame({"filename": names, "label": labels,
                                    "subset": np.where(valid, "valid", "train")}), data_dir / helper.SPLIT_CSV)
+    test = data_dir / helper.TEST2
+    test.mkdir(parents=True, exist_ok=True)
+    (test / "1.jpg").write_bytes(b"")  # the one test row the feature files hold
     for name in MODELS:
-        w = helper.FeatureWriter(helper.feature_path(data_dir, name), names, labels, [1], (2048,), "float32",
-                                 {"backbone": name})
-        for s in range(0, rows, 2000):
-            x = rng.standard_normal((min(2000, rows - s), 2048), np.float32)
-            x[:, :8] += labels[s:s + len(x), None]  # a weak signal, so training is not pure noise
-            w.append("train", x)
-        w.append("test", np.zeros((1, 2048), np.float32))
-        w.close()
+        attrs = helper.ExtractSettings(name, 224).attrs()
+        with helper.FeatureWriter(helper.feature_path(data_dir, name), names, labels, [1], (2048,), "float32",
+                                  attrs) as w:
+            for s in range(0, rows, 2000):
+                x = rng.standard_normal((min(2000, rows - s), 2048), np.float32)
+                x[:, :8] += labels[s:s + len(x), None]  # a weak signal, so training is not pure noise
+                w.append("train", x)
+            w.append("test", np.zeros((1, 2048), np.float32))
+            w.commit()
 
 
 def run_06(data_dir: Path, model_dir: Path, args, spark: str | None) -> float:

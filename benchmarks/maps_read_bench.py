@@ -9,6 +9,7 @@ ResNet50 tail + head on a batch, so the read share of a step is plain.
 """
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -21,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import helper  # noqa: E402
+
+finetune = importlib.import_module("04_finetune_split")
 
 
 def parse_args(argv=None):
@@ -35,23 +38,24 @@ def parse_args(argv=None):
 
 def write_maps(path: Path, n: int, shape=(7, 7, 2048)) -> float:
     rng = np.random.default_rng(0)
-    w = helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16", {})
     start = time.perf_counter()
-    for s in range(0, n, 256):
-        w.append("train", rng.standard_normal((min(256, n - s), *shape), np.float32).astype(np.float16))
-    w.append("test", np.zeros((1, *shape), np.float16))
-    w.close()
+    with helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16",
+                              {}) as w:
+        for s in range(0, n, 256):
+            w.append("train", rng.standard_normal((min(256, n - s), *shape), np.float32).astype(np.float16))
+        w.append("test", np.zeros((1, *shape), np.float16))
+        w.commit()
     return time.perf_counter() - start
 
 
 def step_seconds(batch: np.ndarray, labels: np.ndarray, steps: int) -> float:
     import keras
     full = helper.BACKBONES["ResNet50"].build("none", 224, pooling=None)
-    _, tail = helper.split_model(full, "conv5_block2_out")
+    _, tail = finetune.split_model(full, "conv5_block2_out")
     inp = keras.Input(tail.input_shape[1:])
     x = keras.layers.GlobalAveragePooling2D()(tail(inp))
     model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dropout(0.5)(x)))
-    helper.set_block_trainable(model, tail, tail.layers, True)
+    finetune.set_block_trainable(model, tail, tail.layers, True)
     model.compile(helper.make_optimizer("sgd", 0.001, 0.9), "binary_crossentropy")
     times = []
     for _ in range(steps):
@@ -72,9 +76,9 @@ def main(args):
         table, batch = [], None
         for mode in ("ram", "stream"):
             start = time.perf_counter()
-            source = helper.MapRows(path, in_ram=mode == "ram")
+            source = finetune.MapRows(path, in_ram=mode == "ram")
             load = time.perf_counter() - start
-            data = helper.map_batches(source, rows, labels, args.batch_size, True, seed=0)
+            data = finetune.map_batches(source, rows, labels, args.batch_size, True, seed=0)
             start = time.perf_counter()
             for k in range(len(data)):
                 batch, y = data[k]

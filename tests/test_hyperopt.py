@@ -111,7 +111,7 @@ def test_kopt_compilefn_end_to_end_reports_keras_metrics(tmp_path):
         return (x[:60], y[:60]), (x[60:], y[60:])
 
     def model_fn(train_data, lr):
-        return helper.build_head({"f": 6}, 0.1, helper.make_optimizer("sgd", lr, 0.9, 0.01))
+        return helper.build_head({"f": 6}, 0.1, helper.make_optimizer("sgd", lr, 0.9, 0.01), seed=0)
 
     fn = kopt.CompileFN("db", "exp", data_fn=data_fn, model_fn=model_fn, loss_metric="loss",
                         loss_metric_mode="min", valid_split=None, save_model="best", save_dir=str(tmp_path))

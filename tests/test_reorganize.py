@@ -42,34 +42,34 @@ def test_parse_test_name(name, expected):
 
 def test_split_is_stratified_and_seeded():
     labels = np.array([0] * 100 + [1] * 60)
-    a = helper.stratified_split(labels, 0.2, seed=1)
+    a = script("01").stratified_split(labels, 0.2, seed=1)
     assert (a & (labels == 0)).sum() == 20 and (a & (labels == 1)).sum() == 12
-    assert np.array_equal(a, helper.stratified_split(labels, 0.2, seed=1))
-    assert not np.array_equal(a, helper.stratified_split(labels, 0.2, seed=2))
+    assert np.array_equal(a, script("01").stratified_split(labels, 0.2, seed=1))
+    assert not np.array_equal(a, script("01").stratified_split(labels, 0.2, seed=2))
 
 
 def test_split_is_stable_across_runs():
     # A fixed expectation: numpy's PCG64 is stable across versions and machines.
-    got = np.flatnonzero(helper.stratified_split([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 0.4, seed=2018))
+    got = np.flatnonzero(script("01").stratified_split([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 0.4, seed=2018))
     assert got.tolist() == [0, 3, 6, 7]
 
 
 @pytest.mark.parametrize("frac", [0, 1, -0.1, 1.5])
 def test_split_rejects_bad_fraction(frac):
     with pytest.raises(CatDogError, match="valid-frac"):
-        helper.stratified_split([0, 1], frac, 0)
+        script("01").stratified_split([0, 1], frac, 0)
 
 
 def test_read_name_list_skips_comments(tmp_path):
     f = tmp_path / "ex.txt"
     f.write_text("# header\ncat.1.jpg  # wrong label\n\n  dog.2.jpg\n")
-    assert helper.read_name_list(f) == ["cat.1.jpg", "dog.2.jpg"]
+    assert script("01").read_name_list(f) == ["cat.1.jpg", "dog.2.jpg"]
     with pytest.raises(CatDogError, match="no such file"):
-        helper.read_name_list(tmp_path / "missing.txt")
+        script("01").read_name_list(tmp_path / "missing.txt")
 
 
 def test_shipped_exclude_list_names_the_reports_images():
-    names = helper.read_name_list(helper.Path(__file__).parents[1] / "data" / "exclude_report.txt")
+    names = script("01").read_name_list(helper.Path(__file__).parents[1] / "data" / "exclude_report.txt")
     assert len(names) == 11 and "cat.4085.jpg" in names and "dog.4334.jpg" in names
     assert all(helper.parse_train_name(n) for n in names)
 
@@ -89,7 +89,7 @@ def test_shipped_exclude_list_names_the_reports_images():
 def test_check_image(tmp_path, content, problem, note):
     f = tmp_path / "cat.1.jpg"
     f.write_bytes(content())
-    info = helper.check_image(f)
+    info = script("01").check_image(f)
     assert (problem in info["problem"]) if problem else info["problem"] == ""
     assert (note in info["note"]) if note else info["note"] == ""
 
