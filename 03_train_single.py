@@ -31,6 +31,12 @@ def main(args):
     if not names:
         raise CatDogError(f"no complete feature files in {Path(args.data_dir) / helper.FEATURES}: "
                           f"run 02_extract_features.py first")
+    # Before the first model trains: every feature file (a missing one must not surface after the others are
+    # retrained) and every submission target (a --submissions-dir that is a file must not fail after training).
+    helper.load_features(names, args.data_dir, parts=())
+    if args.predict:
+        for name in names:
+            helper.check_writable_target(Path(args.submissions_dir) / f"{name}.csv")
     out_dir = Path(args.model_dir) / helper.SINGLE_DIR
     results = None
     for name in names:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,11 @@ def check_writable_target(path: str | Path) -> Path:
         raise CatDogError(f"{path} is a directory: give a file name")
     if path.exists() and not path.is_file():
         raise CatDogError(f"{path} exists and is not a regular file (a device, FIFO or socket): give a file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise CatDogError(f"{path.parent} is a file, not a folder: give another path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder must be a folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CatDogError(f"{parent} is a file, not a folder: give another path")
     return path
 
 
@@ -933,6 +937,11 @@ def load_model(path: str | Path):
         raise CatDogError(f"{meta_path} is not a valid sidecar (not JSON: {e}): retrain {path.name}") from e
     if not isinstance(meta, dict) or not meta.get("kind"):
         raise CatDogError(f"{meta_path} is not a catdog sidecar (no 'kind'): retrain {path.name}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
+        size = path.stat().st_size
+        raise CatDogError(f"{path} is not a readable Keras model ("
+                          + ("empty: 0 bytes" if size == 0 else f"{size:,} bytes, not a complete .keras zip")
+                          + "): it may be truncated; retrain it")
     try:
         model = keras.models.load_model(path)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors... for a broken file

@@ -246,8 +246,8 @@ def test_rerun_with_odd_entries_decodes_nothing_and_leaves_the_check_cache_alone
     run("01", "--data-dir", tmp_path)
     stamp = {p: os.stat(tmp_path / p).st_mtime_ns for p in ("file_check.csv", "eda/sizes.png", "eda/aspect.png")}
     decoded = []
-    real = helper.check_image
-    monkeypatch.setattr(helper, "check_image", lambda path: decoded.append(path) or real(path))
+    real = script("01").check_image
+    monkeypatch.setattr(script("01"), "check_image", lambda path: decoded.append(path) or real(path))
     with caplog.at_level(logging.INFO, logger="catdog"):
         run("01", "--data-dir", tmp_path)
     assert "nothing changed" in caplog.text
