@@ -92,6 +92,20 @@ def split_model(model, layer_name: str):
     return extractor, tail
 
 
+def split_layer_name(bb: helper.Backbone, model) -> str:
+    """The registry's split layer for `bb`, by its name in this model instance (Keras numbers Add layers per
+    session, so Xception's "Add:last" is found by type)."""
+    if bb.split_layer == "Add:last":
+        import keras
+        return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)][-1]
+    return bb.split_layer
+
+
+def maps_name(backbone: str, layer: str) -> str:
+    """The feature-cache name of a backbone's maps at its split layer: data/features/<name>.h5."""
+    return f"{backbone}_{layer}_maps"
+
+
 def freeze_batchnorm(model) -> int:
     """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
 
@@ -131,7 +145,7 @@ def classifier(base, input_shape, input_name: str, dropout: float, name: str):
 
 def cache_maps(extractor, settings: helper.ExtractSettings, split: pd.DataFrame, args) -> tuple[str, Path]:
     """Step 1: the extractor's output for every train2 and test image, in data/features/<maps name>.h5."""
-    name = helper.maps_name(settings.backbone, settings.split_layer)
+    name = maps_name(settings.backbone, settings.split_layer)
     path = helper.feature_path(args.data_dir, name)
     reason = "forced" if args.force else helper.stale_reason(path, settings, split,
                                                              helper.laid_out_test_ids(args.data_dir))
@@ -390,7 +404,7 @@ def main(args):
     model_dir = Path(args.model_dir)
     helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
     full = bb.build(args.weights, args.image_size or bb.size, pooling=None)
-    layer = args.split_layer or bb.split_layer_name(full)
+    layer = args.split_layer or split_layer_name(bb, full)
     extractor, tail = split_model(full, layer)
     settings = helper.ExtractSettings(bb.name, args.image_size or bb.size, args.interpolation, args.decoder, False,
                                       args.weights, args.seed, False, layer, args.dtype)

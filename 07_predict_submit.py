@@ -57,6 +57,19 @@ def pick_model(model_dir: Path) -> tuple[Path, str]:
     raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
 
 
+def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] | None = None) -> float:
+    """Kaggle's binary log loss; with `clip`, predictions are first clipped as in the submission.
+
+    Without `clip` it guards log(0) the way sklearn does (float64 machine epsilon).
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    eps = np.finfo(np.float64).eps
+    lo, hi = clip if clip else (eps, 1 - eps)
+    p = np.clip(p, lo, hi)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
 def check_trained_on(model_path: str | Path, meta: dict, feats: helper.Features) -> None:
     """Refuse to feed a saved model features made with other settings than those it was trained on
     (e.g. 02 rerun at another --image-size), naming both."""
@@ -139,7 +152,7 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
         ax.set_title(f"{CLASSES[r.label]}_{helper.parse_train_name(r.filename)[1]}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, out_dir / "worst.png")
     yv, pv = feats.labels[feats.valid], probs[feats.valid]
-    log.info(f"val log loss: {helper.log_loss(yv, pv):.5f} raw, {helper.log_loss(yv, pv, clip):.5f} clipped to {clip}")
+    log.info(f"val log loss: {log_loss(yv, pv):.5f} raw, {log_loss(yv, pv, clip):.5f} clipped to {clip}")
     return df
 
 

@@ -71,26 +71,21 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
            high_open: bool = False) -> Callable[[str], int | float]:
     """An argparse `type=` that refuses what is not a finite `kind` within the range, so a bad value fails in
     argparse (with the range in the message and in -h) before any work starts."""
-    parts = []
-    if low is not None:
-        parts.append(f"{'>' if low_open else '>='} {low}")
-    if high is not None:
-        parts.append(f"{'<' if high_open else '<='} {high}")
-    accepted = f"{'an integer' if kind is int else 'a number'}" + (" " + " and ".join(parts) if parts else "")
+    bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + (
+        [f"{'<' if high_open else '<='} {high}"] if high is not None else [])
+    accepted = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)]).strip()
 
     def convert(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
-        bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
-               or (high is not None and (value >= high if high_open else value > high)))
-        if bad:
+        if not (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high))):
             raise argparse.ArgumentTypeError(f"{text} is not {accepted}")
         return value
 
-    convert.accepted = accepted
-    convert.__name__ = kind.__name__
+    convert.accepted, convert.__name__ = accepted, kind.__name__
     return convert
 
 
@@ -160,11 +155,8 @@ def check_writable_target(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `path`, renamed onto it only if the block succeeds.
-
-    `suffix` keeps an extension some writers insist on (Keras wants `.keras`). A symlink to a regular
-    file is followed, so the link stays and its target is replaced.
-    """
+    """Yield a temp path beside `path`, renamed onto it only if the block succeeds. `suffix` keeps an extension
+    some writers insist on (Keras wants `.keras`); a symlink to a regular file stays, its target is replaced."""
     path = check_writable_target(path)
     if path.is_symlink():
         path = path.resolve()
@@ -238,10 +230,8 @@ def train_image_paths(data_dir: str | Path, split: pd.DataFrame) -> list[str]:
 
 
 def test_images(data_dir: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Test ids ascending numerically (`10.jpg` after `9.jpg`) and their paths under test2/test.
-
-    The paths are the files' own names: `01.jpg` is id 1 too, so a name is never rebuilt from its id.
-    """
+    """Test ids ascending numerically (`10.jpg` after `9.jpg`) and their paths under test2/test, by the files'
+    own names (`01.jpg` is id 1 too, so a name is never rebuilt from its id)."""
     root = Path(data_dir) / TEST2
     if not root.is_dir():
         raise CatDogError(f"{root} not found: run 01_reorganize_data.py first")
@@ -261,11 +251,8 @@ DECODERS = ("pil", "tf")
 
 
 def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> np.ndarray:
-    """Pillow's decode and antialiased resize of one image, as float32 RGB (size, size, 3).
-
-    Pillow releases the GIL while it decodes and resamples, so tf.data runs this in parallel threads;
-    its antialiased bilinear is 2-3x faster than TF's (tf.image.resize with antialias=True).
-    """
+    """Pillow's decode and antialiased resize of one image, as float32 RGB (size, size, 3). Pillow releases the
+    GIL, so tf.data runs it in parallel threads; its antialiased bilinear is 2-3x faster than TF's."""
     from PIL import Image
     filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC, "area": Image.BOX}
     with Image.open(path) as im:
@@ -275,11 +262,8 @@ def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> 
 
 
 def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
-    """Decode JPEG/PNG bytes to RGB and stretch to size x size (no crop, as the report does).
-
-    With `jpeg_draft`, a JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8
-    scale by libjpeg's DCT scaling, which skips most of the decode work.
-    """
+    """Decode JPEG/PNG bytes to RGB and stretch to size x size (no crop, as the report does). With `jpeg_draft`,
+    a JPEG at least twice the size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling."""
     import tensorflow as tf
 
     def full():
@@ -302,11 +286,8 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
 
 
 def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: bool = False, decoder: str = "pil"):
-    """One image file (a string tensor) -> float32 RGB (size, size, 3) in [0, 255], stretched (no crop).
-
-    decoder 'pil' runs Pillow (what the report's Keras 2 used) through tf.numpy_function; 'tf' stays
-    in the TensorFlow graph (tf.io.decode_jpeg + tf.image.resize).
-    """
+    """One image file (a string tensor) -> float32 RGB (size, size, 3) in [0, 255], stretched (no crop): by Pillow
+    (the report's decoder) through tf.numpy_function, or by decoder 'tf' all in the TensorFlow graph."""
     import tensorflow as tf
     if decoder == "tf":
         return _decode_resized(tf.io.read_file(path), size, interpolation, jpeg_draft)
@@ -321,12 +302,9 @@ def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: b
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolation: str = "bilinear",
                   jpeg_draft: bool = False, labels: Sequence[float] | None = None, shuffle_seed: int | None = None,
                   augment=None, preprocess=None, decoder: str = "pil"):
-    """tf.data pipeline: parallel read + decode + resize, batched and prefetched, float32 in [0, 255].
-
-    Order is kept (deterministic map), so batch k holds paths[k*batch_size:(k+1)*batch_size], unless
-    `shuffle_seed` is given (a new seeded order each epoch). With `labels` it yields (images, labels).
-    `augment` (training only) and then `preprocess` are applied to each batch.
-    """
+    """tf.data pipeline: parallel read + decode + resize, batched and prefetched, float32 in [0, 255], in `paths`
+    order unless `shuffle_seed` (a new seeded order each epoch); (images, labels) with `labels`. `augment`
+    (training only) and then `preprocess` are applied to each batch."""
     import tensorflow as tf
 
     def load(p):
@@ -404,15 +382,6 @@ class Backbone:
                 f"could not download {self.name}'s ImageNet weights ({e}). Fetch {self.weights_file} from "
                 f"https://storage.googleapis.com/tensorflow/keras-applications/ on a machine with internet, "
                 f"put it in ~/.keras/models/ (or any folder and pass --weights FOLDER)") from e
-
-    def split_layer_name(self, model) -> str:
-        """The split layer's name in this model instance (Keras numbers Add layers per session)."""
-        if self.split_layer is None:
-            raise CatDogError(f"{self.name} has no split point for fine-tuning")
-        if self.split_layer == "Add:last":
-            import keras
-            return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)][-1]
-        return self.split_layer
 
 
 _NOTOP = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -520,36 +489,31 @@ def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
 
 
 class FeatureWriter:
-    """Appends feature rows to an HDF5 file built under a temp name; `complete=True` and the rename come last.
-
-    An interrupted run leaves only the temp file, which is removed (or, after kill -9, never mistaken for a
-    complete file). The temp name is this process's own, so two runs never write one half file.
-    Use as a context manager: the file is closed and the temp file removed whatever happens.
+    """Appends feature rows to an HDF5 file built under a temp name (this process's own, so two runs never
+    write one half file); `complete=True` and the rename come last. Use it as a context manager: whatever
+    happens, the file is closed and the temp file removed, so nothing half-written ever looks complete.
     """
 
     def __init__(self, path: Path, train_files: Sequence[str], labels: Sequence[int], test_ids: Sequence[int],
                  feature_shape: tuple[int, ...], dtype: str, attrs: dict):
-        self.path, self.tmp, self.file = check_writable_target(path), temp_name(path), None
+        self.path, self.tmp, self.file, self.attrs = check_writable_target(path), temp_name(path), None, attrs
+        self.columns = {"label": np.asarray(labels, dtype=np.uint8), "test_ids": np.asarray(test_ids, dtype=np.int64),
+                        "train_files": np.asarray(train_files, dtype=object).astype("S")}
         self.shape = {"train": (len(train_files), *feature_shape), "test": (len(test_ids), *feature_shape)}
-        self.init = (train_files, labels, test_ids, dtype)
-        self.attrs = attrs
-        self.pos = {"train": 0, "test": 0}
+        self.dtype, self.pos = dtype, {"train": 0, "test": 0}
 
     def __enter__(self) -> FeatureWriter:
         import h5py
-        train_files, labels, test_ids, dtype = self.init
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.file = h5py.File(self.tmp, "w")
-            # One row per chunk: streaming training reads single rows, which is fast; no compression
-            # (10x slower reads).
-            self.data = {part: self.file.create_dataset(part, shape, dtype, chunks=(1, *shape[1:]))
+            # One row per chunk: streaming training reads single rows fast; no compression (10x slower reads).
+            self.data = {part: self.file.create_dataset(part, shape, self.dtype, chunks=(1, *shape[1:]))
                          for part, shape in self.shape.items()}
-            self.file["label"] = np.asarray(labels, dtype=np.uint8)
-            self.file["train_files"] = np.asarray(train_files, dtype=object).astype("S")
-            self.file["test_ids"] = np.asarray(test_ids, dtype=np.int64)
+            for k, v in self.columns.items():
+                self.file[k] = v
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__()
             raise
         return self
 
@@ -564,9 +528,7 @@ class FeatureWriter:
         for part, shape in self.shape.items():
             if self.pos[part] != shape[0]:
                 raise RuntimeError(f"{self.path}: wrote {self.pos[part]} of {shape[0]} {part} rows")
-        for k, v in self.attrs.items():
-            self.file.attrs[k] = v
-        self.file.attrs["complete"] = True
+        self.file.attrs.update({**self.attrs, "complete": True})
         self.file.close()
         os.replace(self.tmp, self.path)
 
@@ -594,11 +556,10 @@ def rows_mismatch(path: Path, split: pd.DataFrame, test_ids: np.ndarray) -> str:
         return (f"its {len(files)} labelled rows do not match the order of {SPLIT_CSV} ({len(split)} rows): "
                 f"01 was rerun since")
     if not np.array_equal(ids, test_ids):
-        old_ids, now_ids = set(ids.tolist()), set(test_ids.tolist())
-        gone, new = sorted(old_ids - now_ids), sorted(now_ids - old_ids)
-        return (f"its {len(ids)} test rows do not match the {len(test_ids)} images in {TEST2}"
-                + (f" (no longer there: {gone[:3]})" if gone else "") + (f" (new: {new[:3]})" if new else "")
-                + ": the test folder changed since")
+        was, now = set(ids.tolist()), set(test_ids.tolist())
+        gone, new = sorted(was - now), sorted(now - was)
+        return (f"its {len(ids)} test rows do not match the {len(test_ids)} images in {TEST2} (gone: {gone[:3]}, "
+                f"new: {new[:3]}): the test folder changed since")
     return ""
 
 
@@ -636,11 +597,8 @@ def make_extract_step(model, preprocess, strategy=None):
 
 def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path, settings: ExtractSettings,
                     batch_size: int, strategy=None) -> int:
-    """Run every train2 and test2 image through `step` (see make_extract_step) into an HDF5 file, batch by batch.
-
-    `shape` is one output row's shape. Memory stays flat whatever the image count; the file appears
-    only once complete. Returns the number of images done.
-    """
+    """Run every train2 and test2 image through `step` (see make_extract_step) into an HDF5 file of rows of
+    `shape`, batch by batch: memory stays flat, the file appears only once complete. Returns the image count."""
     import tensorflow as tf
 
     split, parts, ids = image_parts(data_dir)
@@ -726,7 +684,8 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
         path = feature_path(data_dir, name)
         state = feature_file_state(path)
         if state is None:
-            step = "04_finetune_split.py" if name.endswith("_maps") else f"02_extract_features.py --models {name}"
+            step = (f"04_finetune_split.py --model {name.split('_')[0]}" if name.endswith("_maps")
+                    else f"02_extract_features.py --models {name}")
             raise CatDogError(f"{path} is missing or incomplete: run {step}")
         mismatch = rows_mismatch(path, split, test_ids)
         if mismatch:
@@ -769,9 +728,7 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0, decay
 
 def build_head(input_dims: dict[str, int], dropout: float, optimizer, seed: int):
     """The report's head: one Input per backbone -> Concatenate (if several) -> Dropout -> Dense(1, sigmoid).
-
-    Seeds first, so the same seed builds the same initial weights and dropout masks in any process.
-    """
+    Seeded first, so the same seed builds the same initial weights and dropout masks in any process."""
     import keras
     set_seed(seed)
     inputs = [keras.Input((dim,), name=name) for name, dim in input_dims.items()]
@@ -865,12 +822,9 @@ def fit_head(model, feats: Features, args: argparse.Namespace, log_dir: Path) ->
 
 def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, args: argparse.Namespace,
                meta: dict, saved_epoch: int | None = None) -> dict:
-    """Evaluate the trained model on the valid rows, then save it, its sidecar and its history; returns the
-    results row, which describes exactly the saved model. Nothing is written for a run that diverged.
-
-    `saved_epoch` is the epoch whose weights the model holds (early stopping restores the best one);
-    default the last.
-    """
+    """Evaluate the trained model on the valid rows, then save it, its sidecar and its history; returns the results
+    row, which describes exactly the saved model (whose weights are `saved_epoch`'s, default the last epoch's).
+    Nothing is written for a run that diverged."""
     x, y = valid if isinstance(valid, tuple) else (valid, None)
     scores = model.evaluate(x, y, verbose=0, return_dict=True)
     if not all(math.isfinite(v) for v in scores.values()):
@@ -950,28 +904,6 @@ def load_model(path: str | Path):
     return model, meta
 
 
-def maps_name(backbone: str, layer: str) -> str:
-    """The feature-cache name of a backbone's maps at its split layer (04): data/features/<name>.h5."""
-    return f"{backbone}_{layer}_maps"
-
-
-# =============================================================================
-# Metrics
-# =============================================================================
-
-def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] | None = None) -> float:
-    """Kaggle's binary log loss; with `clip`, predictions are first clipped as in the submission.
-
-    Without `clip` it guards log(0) the way sklearn does (float64 machine epsilon).
-    """
-    y = np.asarray(y_true, dtype=np.float64).ravel()
-    p = np.asarray(y_prob, dtype=np.float64).ravel()
-    eps = np.finfo(np.float64).eps
-    lo, hi = clip if clip else (eps, 1 - eps)
-    p = np.clip(p, lo, hi)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 # =============================================================================
 # Submission
 # =============================================================================
@@ -982,28 +914,25 @@ CLIP = (0.005, 0.995)
 def validate_submission(df: pd.DataFrame, expected_ids: Sequence[int], clip: tuple[float, float]) -> None:
     """Refuse a submission Kaggle would reject or score badly: wrong header, ids other than `expected_ids`
     (the test images on disk), NaN, out of clip range."""
-    problems = []
     if list(df.columns) != ["id", "label"]:
-        problems.append(f"header is {','.join(map(str, df.columns))}, not id,label")
-    else:
-        expected = np.asarray(expected_ids)
-        ids = pd.to_numeric(df["id"], errors="coerce").to_numpy()
-        if len(df) != len(expected):
-            problems.append(f"{len(df)} rows for {len(expected)} test images")
-        if pd.Series(ids).duplicated().any():
-            problems.append(f"duplicate ids, e.g. {pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]}")
-        missing, extra = set(expected.tolist()) - set(ids.tolist()), set(ids.tolist()) - set(expected.tolist())
-        if missing or extra:
-            problems.append("ids are not exactly the test image ids"
-                            + (f" (missing {sorted(missing)[:3]})" if missing else "")
-                            + (f" (not test images: {sorted(extra)[:3]})" if extra else ""))
-        elif not np.array_equal(ids, np.sort(ids)):
-            problems.append("ids are not in ascending order")
-        labels = pd.to_numeric(df["label"], errors="coerce").to_numpy(dtype=float)
-        if np.isnan(labels).any():
-            problems.append(f"{int(np.isnan(labels).sum())} missing or non-numeric labels")
-        elif ((labels < clip[0] - 1e-12) | (labels > clip[1] + 1e-12)).any():
-            problems.append(f"labels outside [{clip[0]}, {clip[1]}]")
+        raise CatDogError(f"submission refused: header is {','.join(map(str, df.columns))}, not id,label")
+    problems, expected = [], np.asarray(expected_ids)
+    ids = pd.to_numeric(df["id"], errors="coerce").to_numpy()
+    if len(df) != len(expected):
+        problems.append(f"{len(df)} rows for {len(expected)} test images")
+    if pd.Series(ids).duplicated().any():
+        problems.append(f"duplicate ids, e.g. {pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]}")
+    missing, extra = set(expected.tolist()) - set(ids.tolist()), set(ids.tolist()) - set(expected.tolist())
+    if missing or extra:
+        problems.append(f"ids are not exactly the test image ids (missing {sorted(missing)[:3]}, "
+                        f"not test images: {sorted(extra)[:3]})")
+    elif not np.array_equal(ids, np.sort(ids)):
+        problems.append("ids are not in ascending order")
+    labels = pd.to_numeric(df["label"], errors="coerce").to_numpy(dtype=float)
+    if np.isnan(labels).any():
+        problems.append(f"{int(np.isnan(labels).sum())} missing or non-numeric labels")
+    elif ((labels < clip[0] - 1e-12) | (labels > clip[1] + 1e-12)).any():
+        problems.append(f"labels outside [{clip[0]}, {clip[1]}]")
     if problems:
         raise CatDogError("submission refused: " + "; ".join(problems))
 
@@ -1045,11 +974,8 @@ def save_figure(fig, path: str | Path) -> None:
 
 def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, metric: str = "val_loss",
                 title: str = "", baseline: str | None = None, marks: dict[str, int] | None = None) -> None:
-    """One line per run of `metric` by epoch (the report's TensorBoard charts); `baseline` drawn blue and thick.
-
-    `marks` puts a star on each run's saved epoch; a history with a `phase` column gets a dotted line where
-    the phase changes (04's head-only warmup -> block + head).
-    """
+    """One line per run of `metric` by epoch (the report's TensorBoard charts), `baseline` blue and thick, a star
+    on each run's saved epoch (`marks`), a dotted line where a `phase` column changes (04's warmup -> block)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, h in histories.items():

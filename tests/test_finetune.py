@@ -26,7 +26,7 @@ def test_split_model_equals_the_full_model_with_shared_layers(name):
     bb = helper.BACKBONES[name]
     keras.utils.set_random_seed(3)
     full = bb.build("none", SMALL[name], pooling=None)
-    extractor, tail = script("04").split_model(full, bb.split_layer_name(full))
+    extractor, tail = script("04").split_model(full, script("04").split_layer_name(bb, full))
     x = np.random.default_rng(0).uniform(-1, 1, (2, SMALL[name], SMALL[name], 3)).astype(np.float32)
     expected = full.predict(x, verbose=0)
     got = tail.predict(extractor.predict(x, verbose=0), verbose=0)
@@ -233,7 +233,7 @@ print(json.dumps(m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0).rave
     feats = helper.load_features([MAPS], pipeline["data"], parts=())
     probs = feats.predict(model, "labelled")
     saved = pd.read_csv(finetuned["model"] / "finetune" / "results.csv").set_index("model").val_loss
-    assert helper.log_loss(feats.labels[feats.valid], probs[feats.valid]) == pytest.approx(
+    assert script("07").log_loss(feats.labels[feats.valid], probs[feats.valid]) == pytest.approx(
         saved["ResNet50_warmup"], rel=1e-3)
 
 

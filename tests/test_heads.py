@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HEAD, run
+from conftest import HEAD, run, script
 
 import helper
 from helper import CatDogError
@@ -19,15 +19,15 @@ def test_log_loss_matches_sklearn():
     y = rng.integers(0, 2, 500)
     p = rng.uniform(0, 1, 500)
     p[:3] = [0.0, 1.0, 1e-20]  # sklearn clips these to machine epsilon
-    assert abs(helper.log_loss(y, p) - sk_log_loss(y, p, labels=[0, 1])) < 1e-9
+    assert abs(script("07").log_loss(y, p) - sk_log_loss(y, p, labels=[0, 1])) < 1e-9
     clipped = np.clip(p, 0.005, 0.995)
-    assert abs(helper.log_loss(y, p, (0.005, 0.995)) - sk_log_loss(y, clipped, labels=[0, 1])) < 1e-9
+    assert abs(script("07").log_loss(y, p, (0.005, 0.995)) - sk_log_loss(y, clipped, labels=[0, 1])) < 1e-9
 
 
 def test_log_loss_by_hand():
-    assert helper.log_loss([1, 0], [0.9, 0.2]) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2, abs=1e-12)
+    assert script("07").log_loss([1, 0], [0.9, 0.2]) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2, abs=1e-12)
     # Clipping caps the cost of a confident mistake at -log(0.005).
-    assert helper.log_loss([1], [0.0], (0.005, 0.995)) == pytest.approx(-np.log(0.005))
+    assert script("07").log_loss([1], [0.0], (0.005, 0.995)) == pytest.approx(-np.log(0.005))
 
 
 # ----------------------------------------------------------------------------- submission
@@ -142,7 +142,7 @@ def test_submission_is_valid_and_beats_chance(pipeline):
     sub = pd.read_csv(pipeline["subs"] / "submission.csv")
     helper.validate_submission(sub, range(1, 16), helper.CLIP)
     truth = pd.read_csv(pipeline["data"] / "demo_test_labels.csv")
-    assert helper.log_loss(truth.label, sub.label) < np.log(2)  # better than predicting 0.5 everywhere
+    assert script("07").log_loss(truth.label, sub.label) < np.log(2)  # better than predicting 0.5 everywhere
     merged = pd.read_csv(pipeline["model"] / "merge" / "results.csv")
     best = merged.loc[merged.val_loss.idxmin(), "model"]
     expected = helper.load_features(best.split("+"), pipeline["data"])
