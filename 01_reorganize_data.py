@@ -262,8 +262,8 @@ def ensure_folder(data: Path, sub: str) -> Path:
     if not archive.is_file():
         raise CatDogError(f"neither {folder}/ nor {archive} found: download train.zip and test.zip of "
                           f"dogs-vs-cats-redux-kernels-edition from Kaggle into {data}/ (or use --demo N)")
-    tmp = data / f".{sub}.extracting"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(data, f".{sub}.extracting.*")
+    tmp = helper.temp_name(data / f"{sub}.extracting")  # this process's own: two runs never share one
     try:
         extract(archive, tmp)
     except BaseException:
@@ -274,6 +274,22 @@ def ensure_folder(data: Path, sub: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     log.info(f"extracted {archive} to {folder}/")
     return folder
+
+
+def remove_stale_temps(data: Path, pattern: str) -> None:
+    """Remove temp folders (named by helper.temp_name: `.<name>.<pid>.<n>.partial`) left by runs that are no
+    longer alive (killed, or the machine restarted); those of a running process are its own business."""
+    for tmp in data.glob(pattern):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, under another user
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def extract(archive: Path, into: Path) -> None:
@@ -436,8 +452,8 @@ def layout_matches(data: Path, plan: dict[str, Path], copy: bool) -> bool:
 
 def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
     """Build the derived folders beside the old ones, then swap them in: no stale entry survives."""
-    tmp = data / ".reorganize.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(data, ".reorganize.*")
+    tmp = helper.temp_name(data / "reorganize")  # this process's own: two runs never share one
     try:
         for rel, src in tqdm(plan.items(), desc="linking" if not copy else "copying", unit="file",
                              disable=len(plan) < 2000):

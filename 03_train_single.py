@@ -28,6 +28,7 @@ def parse_args(argv=None):
 def main(args):
     names = list(dict.fromkeys(args.models or [])) or [
         n for n in helper.BACKBONES if helper.feature_file_state(helper.feature_path(args.data_dir, n))]
+    args.models = names  # resolved, so each sidecar's args name what this run trained
     if not names:
         raise CatDogError(f"no complete feature files in {Path(args.data_dir) / helper.FEATURES}: "
                           f"run 02_extract_features.py first")
@@ -43,7 +44,8 @@ def main(args):
         feats = helper.load_features([name], args.data_dir)
         optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
         model = helper.build_head({name: feats.labelled[0].shape[1]}, args.dropout, optimizer, args.seed)
-        hist, valid = helper.fit_head(model, feats, args, Path(args.model_dir) / helper.LOGS_DIR / "single" / name)
+        log_dir = Path(args.model_dir) / helper.LOGS_DIR / helper.SINGLE_DIR / name
+        hist, valid = helper.fit_head(model, feats, args, log_dir)
         row = helper.finish_run(name, model, hist, valid, out_dir, args,
                                 {"kind": "single", "features": feats.names, "feature_attrs": feats.attrs})
         # Each row right after its model is saved, so results.csv always describes the models on disk.

@@ -14,6 +14,7 @@ model/logs/finetune/<name>/.
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
@@ -358,13 +359,9 @@ def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
         raise CatDogError(f"--init baseline needs 03's head {path}: run 03_train_single.py --models "
                           f"{settings.backbone} first")
     head, meta = helper.load_model(path)
-    trained = (meta.get("feature_attrs") or [{}])[0]
-    changed = [k for k in helper.setting_changes(trained, settings.attrs()) if k in NETWORK_SETTINGS]
-    if changed:
-        raise CatDogError(f"--init baseline: {path} was trained on features made with "
-                          + ", ".join(f"{k}={trained.get(k)}" for k in changed) + ", but these maps use "
-                          + ", ".join(f"{k}={getattr(settings, k)}" for k in changed)
-                          + ": run 04 with the head's settings, or retrain 03 with these")
+    helper.check_same_settings(meta["feature_attrs"][0], settings.attrs(), f"--init baseline: {path}",
+                               "this run", "run 04 with the head's settings, or retrain 03 with these",
+                               NETWORK_SETTINGS)
     return head.get_layer("prediction").get_weights()
 
 
@@ -401,29 +398,30 @@ def train_variant(model, base, block, train, val, args, log_dir: Path, init: str
 def main(args):
     bb = helper.get_backbone(args.model)
     split = helper.read_split(args.data_dir)
-    model_dir = Path(args.model_dir)
+    model_dir, out_dir = Path(args.model_dir), Path(args.model_dir) / helper.FINETUNE_DIR
+    args.image_size = args.image_size or bb.size  # resolved, so the sidecar's args hold what was used
     helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
-    full = bb.build(args.weights, args.image_size or bb.size, pooling=None)
-    layer = args.split_layer or split_layer_name(bb, full)
-    extractor, tail = split_model(full, layer)
-    settings = helper.ExtractSettings(bb.name, args.image_size or bb.size, args.interpolation, args.decoder, False,
-                                      args.weights, args.seed, False, layer, args.dtype)
+    full = bb.build(args.weights, args.image_size, pooling=None)
+    args.split_layer = args.split_layer or split_layer_name(bb, full)
+    extractor, tail = split_model(full, args.split_layer)
+    settings = helper.ExtractSettings(backbone=bb.name, image_size=args.image_size, interpolation=args.interpolation,
+                                      decoder=args.decoder, weights=args.weights, seed=args.seed,
+                                      split_layer=args.split_layer, dtype=args.dtype)
     inits = list(INITS) if args.init == "all" else [args.init]
     head_weights = baseline_head(model_dir, settings) if "baseline" in inits else None
-    meta = {"backbone": bb.name, "split_layer": layer, "image_size": settings.image_size,
-            "interpolation": settings.interpolation, "decoder": settings.decoder, "weights": args.weights}
     with contextlib.ExitStack() as stack:
         if args.mode == "split":
             maps, path = cache_maps(extractor, settings, split, args)
             source = stack.enter_context(open_maps(path, args))
             base, input_shape, input_name = tail, tail.input_shape[1:], "maps"
-            meta.update(kind="finetune", features=[maps], feature_attrs=[helper.feature_file_state(path)])
+            meta = {"kind": "finetune", "features": [maps], "feature_attrs": [helper.feature_file_state(path)]}
         else:
             source = None
             base, input_shape, input_name = full, (settings.image_size,) * 2 + (3,), "image"
-            meta.update(kind="finetune_full", features=[], feature_attrs=[settings.attrs()])
+            meta = {"kind": "finetune_full", "features": [], "feature_attrs": [settings.attrs()]}
+        meta["backbone"] = bb.name
+        baseline = baseline_row(model_dir, settings, out_dir)
         initial = base.get_weights()  # every variant starts from the same pretrained block
-        out_dir, rows = model_dir / helper.FINETUNE_DIR, []
         for init in inits:
             name = f"{bb.name}_{'full_' if args.mode == 'full' else ''}{init}"
             name += "" if args.optimizer == "sgd" else f"_{args.optimizer}"
@@ -436,38 +434,42 @@ def main(args):
                 model.get_layer("prediction").set_weights(head_weights)
             read0, start = source.read_seconds if source else 0.0, time.perf_counter()
             hist, saved_epoch = train_variant(model, base, tail.layers, train, val, args,
-                                              model_dir / helper.LOGS_DIR / "finetune" / name, init)
+                                              model_dir / helper.LOGS_DIR / helper.FINETUNE_DIR / name, init)
             read_share = (source.read_seconds - read0) / (time.perf_counter() - start) if source else float("nan")
             if source:
                 log.info(f"reading maps from {'RAM' if source.in_ram else 'HDF5'}: {100 * read_share:.1f}% "
                          f"of the training time")
-            row = helper.finish_run(name, model, hist, val, out_dir, args, {**meta, "init": init, "seed": args.seed},
-                                    saved_epoch)
-            rows.append({**row, "init": init, "saved_phase": hist.phase[hist.epoch == saved_epoch].iloc[0],
-                         "read_share": read_share})
-    baseline = add_baseline(model_dir, bb.name, out_dir, rows)
-    return helper.write_results(rows, out_dir, f"{bb.name} fine-tuning ({args.mode}): val_loss by epoch",
-                                baseline=baseline)
+            row = helper.finish_run(name, model, hist, val, out_dir, args, {**meta, "init": init}, saved_epoch)
+            row.update(init=init, saved_phase=hist.phase[hist.epoch == saved_epoch].iloc[0], read_share=read_share)
+            if baseline:
+                row["vs_baseline"] = row["val_loss"] - baseline["val_loss"]  # both: the saved models' val_loss
+            # Each row right after its model is saved, so results.csv always describes the models on disk.
+            results = helper.write_results([row] + ([baseline] if baseline else []), out_dir,
+                                           f"{bb.name} fine-tuning ({args.mode}): val_loss by epoch",
+                                           baseline=baseline and baseline["model"], show=init == inits[-1])
+    return results
 
 
-def add_baseline(model_dir: Path, backbone: str, out_dir: Path, rows: list[dict]) -> str | None:
-    """Put 03's head for this backbone in the comparison (the report's blue curve), if it was trained."""
+def baseline_row(model_dir: Path, settings: helper.ExtractSettings, out_dir: Path) -> dict | None:
+    """03's head for this backbone as a row of the comparison (the report's blue curve), if it was trained on
+    features made the way these maps are."""
     single = model_dir / helper.SINGLE_DIR
-    results, hist = single / "results.csv", single / f"{backbone}.history.csv"
-    if not (results.is_file() and hist.is_file()):
-        log.info(f"no 03 result for {backbone}: the comparison has no baseline (run 03_train_single.py)")
+    results, hist = single / "results.csv", single / f"{settings.backbone}.history.csv"
+    sidecar = single / f"{settings.backbone}.json"
+    if not (results.is_file() and hist.is_file() and sidecar.is_file()):
+        log.info(f"no 03 result for {settings.backbone}: the comparison has no baseline (run 03_train_single.py)")
         return None
+    trained = (json.loads(sidecar.read_text()).get("feature_attrs") or [{}])[0]
+    changed = [k for k in helper.setting_changes(trained, settings.attrs()) if k in NETWORK_SETTINGS]
     df = pd.read_csv(results)
-    df = df[df.model == backbone]
-    if df.empty:
+    df = df[df.model == settings.backbone]
+    if changed or df.empty:
+        log.info(f"03's {settings.backbone} head is not comparable (features made with other "
+                 f"{', '.join(changed)}): no baseline" if changed else f"no 03 row for {settings.backbone}")
         return None
-    name = f"baseline_{backbone}"
+    name = f"baseline_{settings.backbone}"
     helper.write_csv(pd.read_csv(hist), out_dir / f"{name}.history.csv")
-    base_row = {**df.iloc[0].to_dict(), "model": name, "init": "03 head"}
-    for row in rows:
-        row["vs_baseline"] = row["val_loss"] - base_row["val_loss"]  # both: the saved models' val_loss
-    rows.append(base_row)
-    return name
+    return {**df.iloc[0].to_dict(), "model": name, "init": "03 head"}
 
 
 if __name__ == "__main__":

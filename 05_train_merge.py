@@ -46,7 +46,8 @@ def main(args):
         optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
         dims = {n: x.shape[1] for n, x in zip(combo, feats.labelled, strict=True)}
         model = helper.build_head(dims, args.dropout, optimizer, args.seed)
-        hist, valid = helper.fit_head(model, feats, args, Path(args.model_dir) / helper.LOGS_DIR / "merge" / name)
+        log_dir = Path(args.model_dir) / helper.LOGS_DIR / helper.MERGE_DIR / name
+        hist, valid = helper.fit_head(model, feats, args, log_dir)
         row = helper.finish_run(name, model, hist, valid, out_dir, args,
                                 {"kind": "merge", "features": feats.names, "feature_attrs": feats.attrs})
         results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model",

@@ -73,18 +73,12 @@ def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] |
 def check_trained_on(model_path: str | Path, meta: dict, feats: helper.Features) -> None:
     """Refuse to feed a saved model features made with other settings than those it was trained on
     (e.g. 02 rerun at another --image-size), naming both."""
-    saved = meta.get("feature_attrs") or []
-    if len(saved) != len(feats.names):
-        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta.get('features')} "
+    if len(meta["feature_attrs"]) != len(feats.names):
+        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta['features']} "
                           f"were made: retrain it")
-    for name, trained, now, path in zip(feats.names, saved, feats.attrs, feats.paths, strict=True):
-        changed = helper.setting_changes(trained, now)
-        if changed:
-            raise CatDogError(
-                f"{model_path} was trained on {name} features made with "
-                + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f", but {path} now has "
-                + ", ".join(f"{k}={now.get(k)}" for k in changed)
-                + ": rerun that step with the model's settings, or retrain the model")
+    for name, trained, now, path in zip(feats.names, meta["feature_attrs"], feats.attrs, feats.paths, strict=True):
+        helper.check_same_settings(trained, now, f"{model_path} ({name})", str(path),
+                                   f"rerun {helper.rebuild_command(name, trained)}, or retrain the model")
 
 
 def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
@@ -110,11 +104,15 @@ def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tupl
 
 def describe(meta: dict) -> str:
     """A sidecar in a few lines: what the model is, how it was trained, what it scored."""
+    def flag(k, v):
+        return f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list)
+                                                                          else str(v)))
     args = meta.get("args") or {}
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(args.items())
-                     if k not in ("verbose",) and v not in (None, False))
+    flags = " ".join(flag(k, v) for k, v in sorted(args.items())
+                     if k != "verbose" and v is not None and v is not False)  # 0 is a setting
+    saved = f" (weights of epoch {meta['saved_epoch']})" if meta.get("saved_epoch") else ""
     lines = [f"  kind {meta.get('kind')}, features {', '.join(meta.get('features', []))}, seed {meta.get('seed')}",
-             f"  val_loss {meta.get('val_loss')} (saved epoch {meta.get('saved_epoch')})",
+             f"  val_loss {meta.get('val_loss')}{saved}",
              f"  trained with: {flags or '(flags not recorded)'}"]
     for a in meta.get("feature_attrs") or []:
         lines.append("  features: " + ", ".join(f"{k}={a.get(k)}" for k in
@@ -124,9 +122,9 @@ def describe(meta: dict) -> str:
 
 def predict_images(model, paths: list[str], meta: dict, batch_size: int = 64) -> np.ndarray:
     """Dog probabilities of images for a model fine-tuned end to end (04 --mode full), fed as it was trained."""
-    bb = helper.get_backbone(meta["backbone"])
-    ds = helper.image_dataset(paths, meta["image_size"], batch_size, meta["interpolation"], preprocess=bb.preprocess,
-                       decoder=meta.get("decoder", "pil"))
+    st = helper.ExtractSettings.of(meta["feature_attrs"][0])
+    ds = helper.image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder,
+                              preprocess=helper.get_backbone(st.backbone).preprocess)
     return np.asarray(model.predict(ds, verbose=0)).ravel()
 
 

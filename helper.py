@@ -35,9 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("catdog")
 
-# =============================================================================
-# Paths and CLI
-# =============================================================================
+# ==================== Paths and CLI =================================================================================
 
 DEFAULT_SEED = 2018
 SPLIT_CSV = "split.csv"
@@ -54,8 +52,7 @@ class CatDogError(Exception):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's accepted range and default, except None: those flags' help says what happens
-    without them."""
+    """Shows each flag's accepted range and default (not None: such flags' help says what happens without)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -128,8 +125,7 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
 
 
 def temp_name(path: str | Path, suffix: str = "") -> Path:
-    """A hidden temp name beside `path`, unique to this process and call: two runs on one data dir never
-    write the same half file (the last to finish wins, atomically)."""
+    """A hidden temp name beside `path`, this process's and call's own: two runs never share a half file."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMP_COUNTER)}.partial{suffix}")
 
@@ -188,9 +184,7 @@ def versions() -> dict:
     return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
 
-# =============================================================================
-# Kaggle data
-# =============================================================================
+# ==================== Kaggle data ===================================================================================
 
 _TRAIN_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$")
 _TEST_NAME = re.compile(r"^(\d+)\.jpg$")
@@ -208,9 +202,7 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# =============================================================================
-# Splitting
-# =============================================================================
+# ==================== Splitting =====================================================================================
 
 def read_split(data_dir: str | Path) -> pd.DataFrame:
     """split.csv (filename, label, subset): the one split every step trains and validates on."""
@@ -242,9 +234,7 @@ def test_images(data_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     return np.asarray([i for i, _ in found], dtype=np.int64), [str(root / name) for _, name in found]
 
 
-# =============================================================================
-# Images
-# =============================================================================
+# ==================== Images ========================================================================================
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
 DECODERS = ("pil", "tf")
@@ -322,7 +312,8 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolatio
     ds = ds.map(on_images(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(on_images(lambda x: augment(x, training=True)), num_parallel_calls=tf.data.AUTOTUNE)
+        # One batch at a time: the random layers' seed state then advances in the same order every run.
+        ds = ds.map(on_images(lambda x: augment(x, training=True)))
     if preprocess is not None:
         ds = ds.map(on_images(preprocess), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -340,9 +331,7 @@ def find_undecodable(paths: Sequence[str], size: int, interpolation: str, decode
     return None
 
 
-# =============================================================================
-# Backbones
-# =============================================================================
+# ==================== Backbones =====================================================================================
 
 @dataclass(frozen=True)
 class Backbone:
@@ -417,9 +406,7 @@ def resolve_weights(spec: str, backbone: Backbone) -> str | None:
     return str(path)
 
 
-# =============================================================================
-# Feature cache (HDF5)
-# =============================================================================
+# ==================== Feature cache (HDF5) ==========================================================================
 
 def feature_path(data_dir: str | Path, name: str) -> Path:
     """data/features/<name>.h5"""
@@ -429,21 +416,17 @@ def feature_path(data_dir: str | Path, name: str) -> Path:
 def feature_file_state(path: Path) -> dict | None:
     """A feature file's attributes if it is complete, else None."""
     import h5py
-    if not path.is_file():
-        return None
-    try:
+    with contextlib.suppress(OSError):
         with h5py.File(path, "r") as f:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    except OSError:
-        return None
-    return attrs if attrs.get("complete") else None
+        return attrs if attrs.get("complete") else None
+    return None
 
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """Everything that changes the numbers in a feature or maps file: stored as the file's attributes,
-    compared before a file is reused, and kept in every model's sidecar so that a model is only ever fed
-    features made the way it was trained on. The one source of truth for "settings"."""
+    """Everything that changes the numbers in a feature or maps file (the one source of truth for "settings"):
+    the file's attributes, compared before reuse and kept in each model's sidecar, so a model only gets its own."""
     backbone: str
     image_size: int
     interpolation: str = "bilinear"
@@ -459,14 +442,12 @@ class ExtractSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def of(cls, attrs: dict) -> ExtractSettings:
-        """The settings stored in a file's (or sidecar's) attributes."""
+    def of(cls, attrs: dict) -> ExtractSettings:  # the settings stored in a file's (or sidecar's) attributes
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
 
 def setting_changes(stored: dict, wanted: dict) -> list[str]:
-    """The settings (ExtractSettings' fields) in which two attribute sets differ. The seed only matters for
-    random weights (--weights none)."""
+    """The settings in which two attribute sets differ; the seed only matters for random weights (`none`)."""
     def plain(v):  # HDF5 gives numpy scalars back
         return v.item() if hasattr(v, "item") else v
     return [f.name for f in dataclasses.fields(ExtractSettings)
@@ -479,20 +460,41 @@ def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
     split.json: the set every feature file and every submission must cover exactly."""
     ids, paths = test_images(data_dir)
     meta_path = Path(data_dir) / SPLIT_META
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    recorded = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no readable record: 01 rebuilds it
         recorded = json.loads(meta_path.read_text()).get("test_sha256")
-        names = "\n".join(Path(p).name for p in paths)
-        if recorded and hashlib.sha256(names.encode()).hexdigest() != recorded:
-            raise CatDogError(f"{Path(data_dir) / TEST2} no longer holds the {len(ids)} test images 01 laid out "
-                              f"(see {meta_path}): rerun 01_reorganize_data.py, then 02")
+    names = "\n".join(Path(p).name for p in paths)
+    if recorded and hashlib.sha256(names.encode()).hexdigest() != recorded:
+        raise CatDogError(f"{Path(data_dir) / TEST2} no longer holds the {len(ids)} test images 01 laid out "
+                          f"(see {meta_path}): rerun 01_reorganize_data.py, then 02")
     return ids
 
 
+def check_same_settings(trained: dict, now: dict, what: str, now_where: str, fix: str,
+                        keys: Sequence[str] | None = None) -> None:
+    """Refuse to use `what` (trained on features made with the `trained` settings) with features made with
+    `now` (at `now_where`), naming both; `keys` limits the comparison to some settings."""
+    changed = [k for k in setting_changes(trained, now) if keys is None or k in keys]
+    if changed:
+        raise CatDogError(f"{what} was trained on features made with "
+                          + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f"; {now_where} now gives "
+                          + ", ".join(f"{k}={now.get(k)}" for k in changed) + f": {fix}")
+
+
+def rebuild_command(name: str, attrs: dict) -> str:
+    """The command that makes the feature (or maps) file `name` again with the settings in `attrs`."""
+    st = ExtractSettings.of({"backbone": name.split("_")[0], "image_size": 0, **attrs})
+    flags = (f"--image-size {st.image_size} --weights {st.weights} --interpolation {st.interpolation} "
+             f"--decoder {st.decoder} --seed {st.seed}")
+    if st.split_layer:
+        return f"04_finetune_split.py --model {st.backbone} --split-layer {st.split_layer} --dtype {st.dtype} {flags}"
+    return (f"02_extract_features.py --models {st.backbone} {flags}" + " --jpeg-draft" * st.jpeg_draft
+            + " --mixed-precision" * st.mixed_precision)
+
+
 class FeatureWriter:
-    """Appends feature rows to an HDF5 file built under a temp name (this process's own, so two runs never
-    write one half file); `complete=True` and the rename come last. Use it as a context manager: whatever
-    happens, the file is closed and the temp file removed, so nothing half-written ever looks complete.
-    """
+    """Appends feature rows to an HDF5 file built under a temp name (this process's own); `complete=True` and the
+    rename come last. As a context manager it closes the file and removes the temp file whatever happens."""
 
     def __init__(self, path: Path, train_files: Sequence[str], labels: Sequence[int], test_ids: Sequence[int],
                  feature_shape: tuple[int, ...], dtype: str, attrs: dict):
@@ -603,30 +605,30 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
 
     split, parts, ids = image_parts(data_dir)
     attrs = {**settings.attrs(), **versions()}
-    with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs) as writer:
-        for part, paths in parts.items():
-            ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
-                               settings.jpeg_draft, decoder=settings.decoder)
-            if strategy is not None and strategy.num_replicas_in_sync > 1:
-                ds = strategy.experimental_distribute_dataset(ds)
-            batches = iter(ds)
-            for k in progress(range(math.ceil(len(paths) / batch_size)), f"{out_path.stem} {part}"):
-                try:
-                    x = next(batches)
-                except tf.errors.OpError as e:
-                    chunk = paths[k * batch_size:(k + 1) * batch_size]
-                    bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
-                    raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
-                                      f"rerun 01_reorganize_data.py, which skips broken files") from e
-                try:
+    try:
+        with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs) as writer:
+            for part, paths in parts.items():
+                ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
+                                   settings.jpeg_draft, decoder=settings.decoder)
+                if strategy is not None and strategy.num_replicas_in_sync > 1:
+                    ds = strategy.experimental_distribute_dataset(ds)
+                batches = iter(ds)
+                for k in progress(range(math.ceil(len(paths) / batch_size)), f"{out_path.stem} {part}"):
+                    try:
+                        x = next(batches)
+                    except tf.errors.OpError as e:
+                        chunk = paths[k * batch_size:(k + 1) * batch_size]
+                        bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
+                        raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
+                                          f"rerun 01_reorganize_data.py, which skips broken files") from e
                     writer.append(part, step(x).numpy().astype(settings.dtype))
-                except OSError as e:  # h5py's write errors carry the errno in their text only
-                    if e.errno != errno.ENOSPC and "No space left" not in str(e):
-                        raise
-                    need = sum(len(p) for p in parts.values()) * math.prod(shape) * np.dtype(settings.dtype).itemsize
-                    raise CatDogError(f"{out_path.parent} is full: {out_path.name} needs about {need / 2**20:,.0f} "
-                                      f"MiB there; the partial file was removed. Free space and rerun") from e
-        writer.commit()
+            writer.commit()  # HDF5 flushes its chunk cache here: a full disk can surface now too
+    except OSError as e:  # h5py's write errors carry the errno in their text only
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        need = sum(len(p) for p in parts.values()) * math.prod(shape) * np.dtype(settings.dtype).itemsize
+        raise CatDogError(f"{out_path.parent} is full: {out_path.name} needs about {need / 2**20:,.0f} MiB there; "
+                          f"the partial file was removed. Free space and rerun") from e
     return sum(len(p) for p in parts.values())
 
 
@@ -678,8 +680,7 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
     import h5py
     split = read_split(data_dir)
     test_ids = laid_out_test_ids(data_dir)
-    out = {"labelled": [], "test": []}
-    attrs, paths = [], []
+    out, attrs, paths, file_ids = {"labelled": [], "test": []}, [], [], test_ids
     for name in model_names:
         path = feature_path(data_dir, name)
         state = feature_file_state(path)
@@ -689,20 +690,18 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
             raise CatDogError(f"{path} is missing or incomplete: run {step}")
         mismatch = rows_mismatch(path, split, test_ids)
         if mismatch:
-            step = "04_finetune_split.py --force" if name.endswith("_maps") else "02_extract_features.py --force"
-            raise CatDogError(f"{path}: {mismatch}: rerun {step}")
+            raise CatDogError(f"{path}: {mismatch}: rerun {rebuild_command(name, state)}")
         with h5py.File(path, "r") as f:
+            file_ids = f["test_ids"][:]  # the rows the file really holds (equal to the disk's, checked above)
             for part in parts:
                 out[part].append(f["train" if part == "labelled" else "test"][:])
         attrs.append(state)
         paths.append(path)
     return Features(list(model_names), out["labelled"], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
-                    (split.subset == "valid").to_numpy(), out["test"], test_ids, attrs, paths)
+                    (split.subset == "valid").to_numpy(), out["test"], file_ids, attrs, paths)
 
 
-# =============================================================================
-# Heads
-# =============================================================================
+# ==================== Heads =========================================================================================
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow. Call it before building any layer: Keras 3 draws each
@@ -777,9 +776,7 @@ def clip_range(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[fl
     return args.clip_low, args.clip_high
 
 
-# =============================================================================
-# Training
-# =============================================================================
+# ==================== Training ======================================================================================
 
 # Folders under --model-dir: what each step writes, and where later steps (04, 07) read it.
 SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR = "single", "finetune", "merge", "hyperopt"
@@ -835,10 +832,10 @@ def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, ar
     row = {"model": name, "val_loss": scores["loss"], "val_acc": scores["accuracy"], "saved_epoch": saved_epoch,
            "best_epoch": int(history.epoch[best]), "best_val_loss": float(history.val_loss[best]),
            "epochs": len(history), "seed": args.seed}
-    write_csv(history, out_dir / f"{name}.history.csv")
     save_model(model, out_dir / f"{name}.keras", {**meta, "args": vars(args), "seed": args.seed,
                                                   "val_loss": row["val_loss"], "val_acc": row["val_acc"],
                                                   "saved_epoch": saved_epoch})
+    write_csv(history, out_dir / f"{name}.history.csv")
     log.info(f"{name}: val_loss {row['val_loss']:.5f}, val_acc {row['val_acc']:.4f} of the saved model "
              f"(epoch {saved_epoch}; best epoch {row['best_epoch']}: {row['best_val_loss']:.5f})")
     return row
@@ -877,6 +874,11 @@ def save_model(model, path: str | Path, meta: dict) -> None:
     log.info(f"saved {path} and its sidecar {path.with_suffix('.json').name}")
 
 
+# What a sidecar must hold, by kind, for 04 and 07 to feed its model as it was trained.
+SIDECAR_KEYS = {kind: ("features", "feature_attrs", "seed") for kind in ("single", "merge", "hyperopt", "finetune")}
+SIDECAR_KEYS["finetune_full"] = ("backbone", "feature_attrs", "seed")
+
+
 def load_model(path: str | Path):
     """A saved model and its sidecar metadata, with a clear message for anything missing or broken."""
     import keras
@@ -889,8 +891,11 @@ def load_model(path: str | Path):
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CatDogError(f"{meta_path} is not a valid sidecar (not JSON: {e}): retrain {path.name}") from e
-    if not isinstance(meta, dict) or not meta.get("kind"):
-        raise CatDogError(f"{meta_path} is not a catdog sidecar (no 'kind'): retrain {path.name}")
+    if not isinstance(meta, dict) or meta.get("kind") not in SIDECAR_KEYS:
+        raise CatDogError(f"{meta_path} is not a catdog sidecar (no known 'kind'): retrain {path.name}")
+    missing = [k for k in SIDECAR_KEYS[meta["kind"]] if k not in meta]
+    if missing:
+        raise CatDogError(f"{meta_path} lacks {', '.join(missing)}: retrain {path.name}")
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
         size = path.stat().st_size
         raise CatDogError(f"{path} is not a readable Keras model ("
@@ -904,9 +909,7 @@ def load_model(path: str | Path):
     return model, meta
 
 
-# =============================================================================
-# Submission
-# =============================================================================
+# ==================== Submission ====================================================================================
 
 CLIP = (0.005, 0.995)
 
@@ -944,6 +947,8 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
     `id,label` atomically."""
     if not 0 <= clip[0] < clip[1] <= 1:
         raise CatDogError(f"clip range must satisfy 0 <= low < high <= 1, got {clip}")
+    if len(ids) != len(probs):
+        raise CatDogError(f"submission refused: {len(probs)} predictions for {len(ids)} test ids")
     df = pd.DataFrame({"id": np.asarray(ids, dtype=np.int64), "label": np.clip(np.asarray(probs, float), *clip)})
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
     validate_submission(df, expected_ids, clip)
@@ -952,9 +957,7 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
     return df
 
 
-# =============================================================================
-# Plots
-# =============================================================================
+# ==================== Plots =========================================================================================
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""

@@ -83,6 +83,7 @@ def main(args):
             for k in range(len(data)):
                 batch, y = data[k]
             read = time.perf_counter() - start
+            source.close()
             table.append((mode, load, 1000 * read / len(data), args.maps * batch[0].nbytes / read / 2**20))
         full_batch, y = data[0]
         step = step_seconds(full_batch, y, args.steps)

@@ -114,8 +114,9 @@ def test_streaming_and_in_ram_batches_are_identical(maps_file):
     path, n = maps_file
     rows = np.arange(3, n)  # a subset, like split.csv's train rows
     labels = (rows % 2).astype(np.float32)
-    ram = script("04").map_batches(script("04").MapRows(path, in_ram=True), rows, labels, 8, True, seed=7)
-    stream = script("04").map_batches(script("04").MapRows(path, in_ram=False), rows, labels, 8, True, seed=7)
+    ram_rows, stream_rows = script("04").MapRows(path, in_ram=True), script("04").MapRows(path, in_ram=False)
+    ram = script("04").map_batches(ram_rows, rows, labels, 8, True, seed=7)
+    stream = script("04").map_batches(stream_rows, rows, labels, 8, True, seed=7)
     assert stream.source.array is None and stream.source._ds is None  # nothing read until the first batch
     with h5py.File(path, "r") as f:
         truth = f["train"][:]
@@ -134,6 +135,8 @@ def test_streaming_and_in_ram_batches_are_identical(maps_file):
         stream.set_epoch(epoch + 1)
     assert orders[0] != orders[1]  # a new permutation each epoch
     assert stream.source.read_seconds > 0
+    ram_rows.close()
+    stream_rows.close()
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +258,7 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
                 "--epochs", 1)
     assert table.model.tolist() == ["ResNet50_full_random"]  # no 03 run in this model dir: no baseline row
     model, meta = helper.load_model(model_dir / "finetune" / "ResNet50_full_random.keras")
-    assert meta["kind"] == "finetune_full" and meta["image_size"] == 48
+    assert meta["kind"] == "finetune_full" and meta["feature_attrs"][0]["image_size"] == 48
     frozen = [la for la in model._flatten_layers() if la.trainable and la.weights and la.name.startswith("conv4")]
     assert not frozen  # only the last block (and the head) trained
     sub = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
@@ -277,11 +280,13 @@ def test_augmentation_changes_training_images_only_and_differs_by_epoch(pipeline
              for s, rows in (("train", slice(0, 8)), ("valid", slice(8, 12)))}
     got_val = np.concatenate([x for x, _ in val.as_numpy_iterator()])
     np.testing.assert_array_equal(got_val, plain["valid"])  # validation images are never augmented
-    epochs = [np.concatenate([x for x, _ in train.as_numpy_iterator()]) for _ in range(2)]
-    assert epochs[0].shape == plain["train"].shape
-    by_row = [np.sort(e.reshape(len(e), -1).mean(axis=1)) for e in epochs]
-    assert np.abs(by_row[0] - np.sort(plain["train"].reshape(8, -1).mean(axis=1))).max() > 0
-    assert np.abs(epochs[0] - epochs[1]).mean() > 1  # a new draw (and order) each epoch
+    assert np.concatenate([x for x, _ in train.as_numpy_iterator()]).shape == plain["train"].shape
+    # The same images in the same order (no shuffle), two epochs: augmented, and differently each epoch.
+    fixed = helper.image_dataset(paths[:8], 48, 4, labels=split.label[:8], preprocess=bb.preprocess,
+                                 augment=script("04").augmentation(3))
+    epochs = [np.concatenate([x for x, _ in fixed.as_numpy_iterator()]) for _ in range(2)]
+    assert np.abs(epochs[0] - plain["train"]).mean() > 1
+    assert np.abs(epochs[0] - epochs[1]).mean() > 1
 
 
 def test_results_describe_the_saved_models(pipeline, finetuned):
@@ -304,6 +309,7 @@ def test_results_describe_the_saved_models(pipeline, finetuned):
         assert row.saved_epoch == block.val_loss.idxmin()  # early stopping's best
         assert hist.val_loss[row.saved_epoch] == pytest.approx(row.val_loss, abs=1e-5)
         assert meta["saved_epoch"] == row.saved_epoch and meta["init"] == row.init
+        assert meta["args"]["image_size"] == int(IMAGE_SIZE) and meta["args"]["split_layer"] == "conv5_block2_out"
 
 
 def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monkeypatch):
@@ -314,8 +320,8 @@ def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monke
 
     def recording(self, k):
         x, y = real(self, k)
-        if self.shuffle:  # the training batches: (epoch, batch number) -> rows
-            seen.setdefault(id(self), {})[self.epoch, k] = self.rows[np.sort(
+        if self.shuffle:  # the training batches: (epoch, batch number) -> rows; keyed by the object itself,
+            seen.setdefault(self, {})[self.epoch, k] = self.rows[np.sort(  # which keeps it alive (no id reuse)
                 self.order[k * self.batch_size:(k + 1) * self.batch_size])].tolist()
         return x, y
 

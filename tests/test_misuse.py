@@ -227,8 +227,8 @@ BROKEN = {  # what is done to ResNet50.keras / .json, which file the message nam
     "sidecar not JSON": (lambda m, s: s.write_text("{'kind': single"), ".json", "is not a valid sidecar (not JSON"),
     "empty sidecar": (lambda m, s: s.write_bytes(b""), ".json", "is not a valid sidecar (not JSON"),
     "sidecar without kind": (lambda m, s: s.write_text(json.dumps({"features": ["ResNet50"]})), ".json",
-                             "is not a catdog sidecar (no 'kind')"),
-    "sidecar a JSON list": (lambda m, s: s.write_text("[]"), ".json", "is not a catdog sidecar (no 'kind')"),
+                             "is not a catdog sidecar (no known 'kind')"),
+    "sidecar a JSON list": (lambda m, s: s.write_text("[]"), ".json", "is not a catdog sidecar (no known 'kind')"),
 }
 
 

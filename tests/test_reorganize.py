@@ -132,6 +132,7 @@ def test_rerun_changes_nothing_and_says_so(tmp_path, caplog):
     stamp = {p: os.lstat(tmp_path / p).st_mtime_ns for p in ["split.csv", "split.json", "file_check.csv",
                                                              "eda/sizes.csv", "eda/sizes.png", "eda/aspect.png",
                                                              *derived_files(tmp_path)]}
+    caplog.clear()  # the first run's lines too are captured once an earlier test has set the logger to INFO
     with caplog.at_level(logging.INFO, logger="catdog"):
         run("01", "--data-dir", tmp_path)
     assert "nothing changed" in caplog.text and "wrote" not in caplog.text

@@ -55,6 +55,20 @@ def test_same_seed_gives_the_same_numbers_in_new_processes(pipeline, tmp_path):
                                pd.read_csv(a / "results.csv").val_loss, rtol=1e-6, atol=0)
 
 
+def test_04_same_seed_same_numbers_in_new_processes(copied, tmp_path):
+    """04 (random head on the cached maps) twice in new processes: equal results and histories; the time
+    share spent reading maps is the one column that may differ."""
+    d = ["--data-dir", copied["data"], *HEAD, "--weights", "none", "--image-size", IMAGE_SIZE, "--init", "random",
+         "--epochs", 2]
+    for copy in ("a", "b"):
+        cli("04_finetune_split.py", *d, "--model-dir", tmp_path / copy)
+    a, b = (tmp_path / c / "finetune" for c in ("a", "b"))
+    pd.testing.assert_frame_equal(pd.read_csv(a / "results.csv").drop(columns="read_share"),
+                                  pd.read_csv(b / "results.csv").drop(columns="read_share"), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "ResNet50_random.history.csv"),
+                                  pd.read_csv(b / "ResNet50_random.history.csv"), check_exact=True)
+
+
 # ----------------------------------------------------------------------------- 4. submissions vs the test set
 
 def test_submission_is_checked_against_the_test_images_on_disk(tmp_path):
@@ -107,14 +121,24 @@ def test_a_test_folder_changed_after_extraction_is_refused(copied, tmp_path, cha
 # ----------------------------------------------------------------------------- 5. features a model was trained on
 
 def test_a_model_is_only_fed_the_features_it_was_trained_on(copied, tmp_path):
+    d6 = [*copied["d"], "--max-evals", 1, "--epochs", 1, *HEAD, "--models", "ResNet50", "InceptionV3"]
+    run("06", *d6)
     run("02", *copied["d"], "--weights", "none", "--image-size", 96, "--models", "ResNet50", "--force")
-    with pytest.raises(CatDogError, match=r"trained on ResNet50 features made with image_size=75, but "
-                                          r".*ResNet50.h5 now has image_size=96"):
+    with pytest.raises(CatDogError, match=r"ResNet50.keras \(ResNet50\) was trained on features made with "
+                                          r"image_size=75; .*ResNet50.h5 now gives image_size=96: rerun (.*), or") as e:
         run("07", *copied["d"], "--model", copied["model"] / "single" / "ResNet50.keras",
             "--output", tmp_path / "s.csv")
-    with pytest.raises(CatDogError, match=r"--init baseline: .*image_size=75, but these maps use image_size=96"):
+    command = e.value.args[0].split(": rerun ")[1].split(", or")[0].split()
+    assert command[0] == "02_extract_features.py" and "--image-size" in command
+    script("02").parse_args(command[1:])  # the recommended command is a valid one
+    with pytest.raises(CatDogError, match=r"--init baseline: .*image_size=75; this run now gives image_size=96"):
         run("04", *copied["d"], "--weights", "none", "--image-size", 96, "--init", "baseline", "--epochs", 1)
+    with pytest.raises(CatDogError, match=r"trials made with other features"):  # a resumed search checks them too
+        run("06", *copied["d"], "--max-evals", 2, "--epochs", 1, *HEAD, "--models", "ResNet50", "InceptionV3")
     assert not (tmp_path / "s.csv").exists()
+    # 04 at 96 px leaves 03's 75 px head out of its comparison rather than compare unlike runs.
+    table = run("04", *copied["d"], "--weights", "none", "--image-size", 96, "--init", "random", "--epochs", 1)
+    assert table.model.tolist() == ["ResNet50_random"]
 
 
 def test_a_search_is_bound_to_its_models_and_settings(pipeline, tmp_path):
@@ -247,6 +271,15 @@ def test_message_recommendations_are_valid_commands(tmp_path):
         words = str(err.value).split("run ", 1)[1].split()
         assert words[0].endswith(".py")
         script(words[0][:2]).parse_args(words[1:])  # no SystemExit
+    # The commands that rebuild a feature or maps file with its own settings.
+    for name, attrs in [("Xception", helper.ExtractSettings("Xception", 96, weights="none", jpeg_draft=True,
+                                                            mixed_precision=True).attrs()),
+                        ("ResNet50_conv4_block6_out_maps", helper.ExtractSettings(
+                            "ResNet50", 64, split_layer="conv4_block6_out", dtype="float16").attrs())]:
+        words = helper.rebuild_command(name, attrs).split()
+        args = script(words[0][:2]).parse_args(words[1:])
+        assert args.image_size == attrs["image_size"] and args.seed == attrs["seed"]
+        assert getattr(args, "split_layer", "") in ("", None, attrs["split_layer"])
 
 
 def test_helper_code_is_shared_code():
@@ -287,3 +320,32 @@ def test_help_and_flag_errors_do_not_import_tensorflow():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert r.stdout.split() == ["False", "False"], r.stderr[-2000:]
     assert r.stderr.count("is not an integer >= 0") == 6
+
+
+def test_06_holds_ctrl_c_until_its_files_agree(monkeypatch):
+    import signal
+    module, before, done = script("06"), signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt), module.no_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the block ran to its end")
+    assert done and signal.getsignal(signal.SIGINT) is before
+
+
+def test_full_disk_at_commit_is_a_clear_error_too(copied, monkeypatch):
+    import errno
+    monkeypatch.setattr(helper.FeatureWriter, "commit", lambda self: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CatDogError, match="is full: VGG16.h5 needs about"):
+        run("02", *copied["d"], "--weights", "none", "--image-size", 32, "--models", "VGG16", "--batch-size", 8)
+    assert not list((copied["data"] / "features").glob("*VGG16*"))
+
+
+@pytest.mark.parametrize("drop", ["features", "feature_attrs"])
+def test_a_sidecar_without_what_07_needs_is_named(copied, tmp_path, drop):
+    sidecar = copied["model"] / "single" / "ResNet50.json"
+    meta = json.loads(sidecar.read_text())
+    del meta[drop]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(CatDogError, match=f"ResNet50.json lacks {drop}: retrain ResNet50.keras"):
+        run("07", *copied["d"], "--model", copied["model"] / "single" / "ResNet50.keras", "--output",
+            tmp_path / "s.csv")
