@@ -8,6 +8,7 @@ data/train, data/test (or train.zip, test.zip) are read, never changed. Output:
   data/eda/                              image-size statistics and plots
 Entries are symbolic links unless --copy. A rerun with the same settings changes nothing.
 --demo N first writes a generated dataset in Kaggle's layout, to try the pipeline without Kaggle's data.
+--download first fetches train.zip and test.zip from Kaggle (needs API credentials), unless already there.
 """
 
 import errno
@@ -50,7 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
                    help="first generate a demo dataset of N images per class")
     p.add_argument("--workers", type=helper.POSITIVE_INT, default=8, help="threads that check images")
-    return p.parse_args(argv)
+    p.add_argument("--download", action="store_true",
+                   help=f"first download train.zip and test.zip of Kaggle's {helper.KAGGLE_COMPETITION} into "
+                        "--data-dir, those not there yet (zip or folder); needs Kaggle API credentials")
+    args = p.parse_args(argv)
+    if args.download and args.demo:
+        p.error("--download and --demo exclude each other: --demo generates its own data; give one of them")
+    return args
 
 
 def read_json(path: Path) -> dict | None:
@@ -247,6 +254,49 @@ def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = helper
     helper.write_json({**spec, "files": files}, marker)
     log.info(f"demo data: {2 * n_per_class} labelled and {n_test} test images written to {data_dir}")
     return data_dir
+
+
+# ----------------------------------------------------------------------------- download from Kaggle
+
+KAGGLE_FILES = ("train.zip", "test.zip")
+# Kaggle writes (and resumes) a download in place: staged here, a half file never passes for a finished zip.
+DOWNLOAD_STAGE = ".kaggle-download"
+
+
+def download(data: Path) -> None:
+    """Download the competition's train.zip and test.zip into `data`, each unless it or its folder is there.
+
+    Kaggle is not asked (nor credentials needed) when both are. A download interrupted is resumed by a rerun.
+    """
+    if data.exists() and not data.is_dir():
+        raise CatDogError(f"--data-dir {data} is a file, not a folder: give the folder to download into")
+    missing = []
+    for name in KAGGLE_FILES:
+        folder, archive = data / Path(name).stem, data / name
+        if folder.is_dir() or archive.is_file():
+            have = f"{folder}/" if folder.is_dir() else str(archive)
+            log.info(f"--download: {have} is already there: {name} not downloaded")
+        else:
+            missing.append(name)
+    if not missing:
+        return
+    api = helper.kaggle_api("--download")
+    stage = data / DOWNLOAD_STAGE
+    for name in missing:
+        log.info(f"downloading {name} of {helper.KAGGLE_COMPETITION} from Kaggle into {data}/")
+        try:
+            with helper.kaggle_call(f"downloading {name}"):
+                api.competition_download_file(helper.KAGGLE_COMPETITION, name, path=str(stage), quiet=False, unzip=True)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise no_space(data, f"downloading {name}", 0) from e
+            raise
+        if not (stage / name).is_file():
+            raise CatDogError(f"Kaggle's download of {name} left no {stage / name}: rerun; if it happens again, "
+                              f"download {name} from {helper.KAGGLE_RULES.removesuffix('/rules')}/data into {data}/")
+        os.replace(stage / name, data / name)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- input
@@ -519,6 +569,8 @@ def report_problems(checks: pd.DataFrame) -> None:
 
 def main(args):
     data = Path(args.data_dir)
+    if args.download:
+        download(data)
     if args.demo:
         make_demo_dataset(data, args.demo, args.seed)
     folders = {sub: ensure_folder(data, sub) for sub in ("train", "test")}

@@ -3,10 +3,12 @@
 By default the model is hyperopt's best if there is one, else the best merged model, else the best
 single head (lowest val_loss in their results.csv). Predictions are clipped to [0.005, 0.995]: a
 confident mistake costs far more log loss than confidence gains. --analyze shows the worst-predicted
-labelled images, like the report's section IV.
+labelled images, like the report's section IV. --kaggle-submit MESSAGE then uploads the checked submission
+to Kaggle (needs API credentials, checked before any work).
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,36 +27,16 @@ def parse_args(argv=None):
     p.add_argument("--analyze", action="store_true",
                    help="also rank labelled images by |label - prediction| into model/analysis/")
     p.add_argument("--top", type=helper.POSITIVE_INT, default=20, help="images in the --analyze grid")
+    p.add_argument("--kaggle-submit", metavar="MESSAGE",
+                   help=f"then upload the checked submission to Kaggle's {helper.KAGGLE_COMPETITION} with this "
+                        "description (needs Kaggle API credentials)")
     args = p.parse_args(argv)
     helper.clip_range(p, args)
     if not args.output.strip():
         p.error("--output is empty: give the submission CSV's path")
+    if args.kaggle_submit is not None and not args.kaggle_submit.strip():
+        p.error("--kaggle-submit is empty: give a message describing the submission, e.g. \"merged head, seed 2018\"")
     return args
-
-
-def check_model_dir(model_dir: Path) -> None:
-    """Refuse a --model-dir that is a file, saying what to give instead."""
-    if model_dir.exists() and not model_dir.is_dir():
-        raise CatDogError(f"--model-dir {model_dir} is a file, not a folder: give the folder that 03, 05 or 06 "
-                          f"saved their models in (default: model)")
-
-
-def pick_model(model_dir: Path) -> tuple[Path, str]:
-    """The model to submit and why it was chosen."""
-    check_model_dir(model_dir)
-    best = model_dir / helper.HYPEROPT_BEST
-    if best.is_file():
-        return best, "hyperopt's best model (the report's final step)"
-    for step, what in ((helper.MERGE_DIR, "merged model"), (helper.SINGLE_DIR, "single-backbone head")):
-        results = model_dir / step / "results.csv"
-        if results.is_file():
-            df = pd.read_csv(results)
-            df = df[[(model_dir / step / f"{m}.keras").is_file() for m in df.model]]
-            if len(df):
-                row = df.loc[df.val_loss.idxmin()]
-                return (model_dir / step / f"{row.model}.keras",
-                        f"the {what} with the lowest val_loss in {results} ({row.val_loss:.5f})")
-    raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
 
 
 def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] | None = None) -> float:
@@ -154,11 +136,54 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
     return df
 
 
+# ----------------------------------------------------------------------------- Kaggle
+# The credential check and error wording match 01's (--download).
+
+# What competition_submit answers, instead of raising, when the upload itself failed.
+KAGGLE_UPLOAD_FAILED = "Could not submit to competition"
+
+
+def kaggle_submit(api, path: Path, message: str) -> str:
+    """Upload the written and checked submission `path` with `message`; Kaggle's answer."""
+    with helper.kaggle_call(f"submitting {path}"):
+        answer = getattr(api.competition_submit(str(path), message, helper.KAGGLE_COMPETITION), "message", "") or ""
+    if answer.startswith(KAGGLE_UPLOAD_FAILED):
+        raise CatDogError(f"Kaggle did not take the upload of {path} ({answer}): the file is kept; rerun, or "
+                          f"upload it at https://www.kaggle.com/c/{helper.KAGGLE_COMPETITION}/submissions")
+    log.info(f"submitted {path} to {helper.KAGGLE_COMPETITION} as {message!r}: {answer or 'accepted'}; the score "
+             f"appears at https://www.kaggle.com/c/{helper.KAGGLE_COMPETITION}/submissions")
+    return answer
+
+
+def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
+    """Grad-CAM overlays of the worst images (where each backbone looked), from 08's export of this model."""
+    export = model_dir / "export"
+    try:
+        info = json.loads((export / "export.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    if info.get("source") != str(model_path.resolve()) or not (export / "catdog.keras").is_file():
+        log.info(f"no Grad-CAM overlays: {export} holds no export of {model_path} (run 08_export_model.py "
+                 f"--model {model_path}, then --analyze again)")
+        return
+    model = helper.load_keras(export / "catdog.keras")
+    names = [b["backbone"] for b in info["backbones"]]
+    for r in worst.itertuples():
+        image = data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename
+        pixels = helper.load_pixels(image, info["input_size"], info["interpolation"])
+        cams = helper.grad_cam(model, pixels[None], [f"{n}_avg_pool" for n in names])[:, 0]
+        helper.save_cam_overlay(pixels, cams, names, out_dir / f"{Path(r.filename).stem}.png",
+                                title=f"{r.filename}: P(dog) {r.prediction:.4f}")
+    log.info(f"wrote {len(worst)} Grad-CAM overlays of the worst images to {out_dir}/")
+
+
 def main(args):
     output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
     if args.analyze:  # --analyze writes under --model-dir even with --model: refuse a file there before any work,
-        check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
-    path, why = (Path(args.model), "given by --model") if args.model else pick_model(Path(args.model_dir))
+        helper.check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
+    # Credentials first: without them no work is done.
+    api = helper.kaggle_api("--kaggle-submit") if args.kaggle_submit else None
+    path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(Path(args.model_dir))
     model, meta = helper.load_model(path)
     log.info(f"model: {path} ({why})\n{describe(meta)}")
     parts = ("labelled", "test") if args.analyze else ("test",)
@@ -167,8 +192,11 @@ def main(args):
     sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(args.data_dir),
                                   clip)
     if args.analyze:
-        analyze(probs["labelled"], feats, Path(args.data_dir), Path(args.model_dir) / helper.ANALYSIS_DIR, args.top,
-                clip)
+        out_dir = Path(args.model_dir) / helper.ANALYSIS_DIR
+        worst = analyze(probs["labelled"], feats, Path(args.data_dir), out_dir, args.top, clip)
+        cam_worst(worst.head(args.top), path, Path(args.model_dir), Path(args.data_dir), out_dir / "cam")
+    if api is not None:
+        kaggle_submit(api, output, args.kaggle_submit)
     return sub
 
 

@@ -13,8 +13,13 @@ demo:
 	$(PY) 04_finetune_split.py $(D) --weights none --image-size 75 $(HEAD) --init all --epochs 10
 	$(PY) 05_train_merge.py $(D) $(HEAD) --combos
 	$(PY) 06_hyperopt_merge.py $(D) $(HEAD) --max-evals 3 --epochs 20
+	$(PY) 08_export_model.py $(D)
 	$(PY) 07_predict_submit.py $(D) --output $(DEMO)/submissions/submission.csv --analyze
-	@echo "demo done: $(DEMO)/submissions/submission.csv"
+	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
+		--model $(DEMO)/model/export/catdog.keras --cam $(DEMO)/cam
+	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
+		--model $(DEMO)/model/export/catdog.tflite --json
+	@echo "demo done: $(DEMO)/submissions/submission.csv, Grad-CAM overlays in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/"
 
 test:
 	$(PY) -m pytest -q

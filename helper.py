@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -51,7 +52,7 @@ class CatDogError(Exception):
     """A problem the user can fix; the CLI prints it as one line, without a traceback."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's accepted range and default (not None: such flags' help says what happens without)."""
 
     def _get_help_string(self, action):
@@ -96,7 +97,7 @@ SEED = number(int, 0, 2**32 - 1)  # what numpy's and TensorFlow's seeding accept
 
 def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
     """The flags every script shares; `cnn` adds --weights and --image-size."""
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder with the Kaggle data and derived files")
     p.add_argument("--model-dir", default="model", help="folder for trained models, logs and results")
     p.add_argument("--seed", type=SEED, default=DEFAULT_SEED, help="the one seed behind every random choice")
@@ -784,6 +785,31 @@ LOGS_DIR, ANALYSIS_DIR = "logs", "analysis"
 HYPEROPT_BEST = Path(HYPEROPT_DIR) / "best.keras"
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a --model-dir that is a file, saying what to give instead."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CatDogError(f"--model-dir {model_dir} is a file, not a folder: give the folder that 03, 05 or 06 "
+                          f"saved their models in (default: model)")
+
+
+def pick_model(model_dir: Path) -> tuple[Path, str]:
+    """The model to submit and why it was chosen."""
+    check_model_dir(model_dir)
+    best = model_dir / HYPEROPT_BEST
+    if best.is_file():
+        return best, "hyperopt's best model (the report's final step)"
+    for step, what in ((MERGE_DIR, "merged model"), (SINGLE_DIR, "single-backbone head")):
+        results = model_dir / step / "results.csv"
+        if results.is_file():
+            df = pd.read_csv(results)
+            df = df[[(model_dir / step / f"{m}.keras").is_file() for m in df.model]]
+            if len(df):
+                row = df.loc[df.val_loss.idxmin()]
+                return (model_dir / step / f"{row.model}.keras",
+                        f"the {what} with the lowest val_loss in {results} ({row.val_loss:.5f})")
+    raise CatDogError(f"no trained model under {model_dir}/: run 03 or 05 first, or pass --model")
+
+
 def model_inputs(xs: list[np.ndarray]):
     """A single array for one-input models, the list for merged ones."""
     return xs[0] if len(xs) == 1 else xs
@@ -881,7 +907,6 @@ SIDECAR_KEYS["finetune_full"] = ("backbone", "feature_attrs", "seed")
 
 def load_model(path: str | Path):
     """A saved model and its sidecar metadata, with a clear message for anything missing or broken."""
-    import keras
     path = Path(path)
     meta_path = path.with_suffix(".json")
     for p in (path, meta_path):
@@ -896,17 +921,23 @@ def load_model(path: str | Path):
     missing = [k for k in SIDECAR_KEYS[meta["kind"]] if k not in meta]
     if missing:
         raise CatDogError(f"{meta_path} lacks {', '.join(missing)}: retrain {path.name}")
+    return load_keras(path), meta
+
+
+def load_keras(path: str | Path):
+    """A saved .keras model, with a clear message for a broken file."""
+    import keras
+    path = Path(path)
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
         size = path.stat().st_size
         raise CatDogError(f"{path} is not a readable Keras model ("
                           + ("empty: 0 bytes" if size == 0 else f"{size:,} bytes, not a complete .keras zip")
                           + "): it may be truncated; retrain it")
     try:
-        model = keras.models.load_model(path)
+        return keras.models.load_model(path)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors... for a broken file
         raise CatDogError(f"{path} is not a readable Keras model ({type(e).__name__}: {str(e)[:200]}): it may be "
                           f"truncated; retrain it") from e
-    return model, meta
 
 
 # ==================== Submission ====================================================================================
@@ -955,6 +986,140 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
     write_csv(df, path)
     log.info(f"wrote {path} ({len(df)} rows, checked against the test images on disk)")
     return df
+
+
+# ==================== Pixels and Grad-CAM ============================================================================
+
+def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """One photo of any size, mode (grayscale, CMYK, palette, alpha) or format Pillow reads, stretched to
+    size x size RGB uint8 as 02 did: what an exported model (08) takes."""
+    from PIL import Image, UnidentifiedImageError
+    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC, "area": Image.BOX}
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), filters[interpolation]), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def grad_cam(model, images: np.ndarray, map_layers: Sequence[str], logit_layer: str = "logit") -> np.ndarray:
+    """Grad-CAM maps (n_branches, batch, h, w), each resized to the images: ReLU(sum_c alpha_c A_c) with alpha_c
+    the mean gradient of the logit over the branch's map A (the input of `map_layers[k]`, its pooling layer).
+    The head is linear in the pooled features, so every branch's map is independent of the others."""
+    import keras
+    import tensorflow as tf
+    map_tensors = [model.get_layer(n).input for n in map_layers]
+    lower = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs, map_tensors)  # image -> maps
+    upper = keras.Model(map_tensors, model.get_layer(logit_layer).output)  # maps -> logit: what the tape sees
+    maps = [tf.convert_to_tensor(a) for a in keras.tree.flatten(lower(images, training=False))]
+    with tf.GradientTape() as tape:
+        tape.watch(maps)
+        total = tf.reduce_sum(upper(maps if len(maps) > 1 else maps[0], training=False))  # one logit per image
+    grads = tape.gradient(total, maps)
+    cams = [tf.nn.relu(tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * a, axis=-1))
+            for a, g in zip(maps, grads, strict=True)]
+    return np.stack([tf.image.resize(c[..., None], images.shape[1:3], method="bilinear")[..., 0].numpy()
+                     for c in cams])
+
+
+def save_cam_overlay(image: np.ndarray, cams: np.ndarray, names: Sequence[str], path: str | Path,
+                     title: str = "") -> None:
+    """The image, then each branch's map over it (normalised to [0, 1] on its own), then their unnormalised sum."""
+    plt = pyplot()
+    panels = [(n, c / c.max() if c.max() > 0 else c) for n, c in zip(names, cams, strict=True)]
+    if len(cams) > 1:
+        total = cams.sum(axis=0)
+        panels.append(("sum", total / total.max() if total.max() > 0 else total))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.3), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(title, fontsize=9)
+    for ax, (name, cam) in zip(axes[0, 1:], panels, strict=True):
+        ax.imshow(image)
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+# ==================== Kaggle ========================================================================================
+
+KAGGLE_COMPETITION = "dogs-vs-cats-redux-kernels-edition"
+KAGGLE_RULES = f"https://www.kaggle.com/c/{KAGGLE_COMPETITION}/rules"
+
+
+def kaggle_credentials(flag: str) -> None:
+    """Refuse `flag` when the kaggle package would find no credentials; reads files and variables only, so a
+    missing token is reported before any work, without importing kaggle or reaching the network."""
+    env, home = os.environ, Path.home()
+    # What kaggle >= 2 accepts besides kaggle.json: an access token, or `kaggle auth login`'s OAuth file.
+    if env.get("KAGGLE_API_TOKEN") or any((home / ".kaggle" / f).is_file()
+                                          for f in ("access_token", "access_token.txt", "credentials.json")):
+        return
+    # kaggle's own lookup: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else (when that is missing) the XDG folder.
+    config_dir = Path(env.get("KAGGLE_CONFIG_DIR") or (home / ".kaggle" if (home / ".kaggle").exists() else
+                                                       Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"))
+    config = config_dir / "kaggle.json"
+    wanted = config if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle" / "kaggle.json"  # where to put one
+    values = {}
+    if config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):  # unreadable, garbled or not UTF-8
+            values = None
+        if not isinstance(values, dict):
+            raise CatDogError(f"{flag}: {config} is not the JSON kaggle.json Kaggle gives: create a new API token "
+                              "at https://www.kaggle.com/settings and save its kaggle.json there (chmod 600)")
+        if config.stat().st_mode & 0o044:
+            log.warning(f"{config} is readable by other users: run chmod 600 {config}")
+    values.update({k: env[f"KAGGLE_{k.upper()}"] for k in ("username", "key") if env.get(f"KAGGLE_{k.upper()}")})
+    if not (values.get("username") and values.get("key")):
+        raise CatDogError(f"{flag} needs Kaggle API credentials and found none: create an API token at "
+                          f"https://www.kaggle.com/settings and save its kaggle.json as {wanted} with mode 600 "
+                          "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
+
+
+def kaggle_api(flag: str):
+    """An authenticated kaggle KaggleApi for `flag`, or one clear error before any work.
+
+    kaggle is imported only here: importing it authenticates, and prints its own long help when that fails.
+    """
+    kaggle_credentials(flag)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), kaggle_call(f"checking the Kaggle credentials for {flag}"):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+            api = KaggleApi()
+            api.authenticate()
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("kaggle"):  # kaggle or kagglesdk: an incomplete install
+            raise
+        raise CatDogError(f"{flag} needs the kaggle package: pip install -r requirements.txt") from None
+    except SystemExit:  # authenticate() exits when no credential works, e.g. an expired access token
+        raise CatDogError(f"{flag}: Kaggle accepted none of the credentials found: create a new API token at "
+                          "https://www.kaggle.com/settings and save its kaggle.json in ~/.kaggle/ with mode 600, "
+                          "or set KAGGLE_USERNAME and KAGGLE_KEY") from None
+    return api
+
+
+@contextlib.contextmanager
+def kaggle_call(doing: str) -> Iterator[None]:
+    """Kaggle's refusals and network failures, as one line saying what to do."""
+    import requests
+    try:
+        yield
+    except requests.HTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 403:
+            raise CatDogError(f"Kaggle answered 403 Forbidden while {doing}: accept the competition's rules at "
+                              f"{KAGGLE_RULES} (signed in as the account of your API token), then rerun") from e
+        if status == 401:
+            raise CatDogError(f"Kaggle answered 401 Unauthorized while {doing}: the API token is wrong or revoked; "
+                              "create a new one at https://www.kaggle.com/settings and replace kaggle.json "
+                              "(or KAGGLE_USERNAME and KAGGLE_KEY)") from e
+        raise CatDogError(f"Kaggle answered {status or 'an error'} while {doing} ({e}): rerun later") from e
+    except requests.RequestException as e:
+        raise CatDogError(f"could not reach Kaggle while {doing} ({type(e).__name__}): check the network "
+                          "connection and rerun") from e
 
 
 # ==================== Plots =========================================================================================

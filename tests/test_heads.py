@@ -158,21 +158,20 @@ def test_analysis_outputs(pipeline):
 
 
 def test_predict_prefers_hyperopt_then_merge_then_single(pipeline, tmp_path):
-    module = __import__("conftest").script("07")
-    path, why = module.pick_model(pipeline["model"])
+    path, why = helper.pick_model(pipeline["model"])
     assert path.parent.name == "merge" and "lowest val_loss" in why
     single_only = tmp_path / "m"
     (single_only / "single").mkdir(parents=True)
     for f in (pipeline["model"] / "single").iterdir():
         (single_only / "single" / f.name).write_bytes(f.read_bytes())
-    path, _ = module.pick_model(single_only)
+    path, _ = helper.pick_model(single_only)
     results = pd.read_csv(single_only / "single" / "results.csv")
     assert path.stem == results.loc[results.val_loss.idxmin(), "model"]
     (single_only / "hyperopt").mkdir()
     (single_only / "hyperopt" / "best.keras").write_bytes(b"")
-    assert module.pick_model(single_only)[0].parent.name == "hyperopt"
+    assert helper.pick_model(single_only)[0].parent.name == "hyperopt"
     with pytest.raises(CatDogError, match="no trained model"):
-        module.pick_model(tmp_path / "empty")
+        helper.pick_model(tmp_path / "empty")
 
 
 def test_predict_with_explicit_model_and_bad_input(pipeline, tmp_path):

@@ -58,7 +58,7 @@ print(json.dumps({{"opt": type(m.optimizer).__name__, "sched": type(s).__name__,
 
 
 def test_predict_picks_hyperopts_best(searched, pipeline, tmp_path):
-    path, why = script("07").pick_model(searched)
+    path, why = helper.pick_model(searched)
     assert path == searched / "hyperopt" / "best.keras" and "hyperopt" in why
     sub = run("07", "--data-dir", pipeline["data"], "--model-dir", searched, "--output", tmp_path / "s.csv")
     helper.validate_submission(sub, range(1, 16), helper.CLIP)

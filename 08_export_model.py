@@ -1,0 +1,235 @@
+"""Step 8: export a trained model as ONE model from pixels to P(dog): Keras, TF SavedModel and TFLite.
+
+Any saved catdog model (a 03/05 head, 06's best, a 04 fine-tuned model; default: the one 07 would submit) is
+composed with its backbones into one flat functional graph: a batch of S x S RGB uint8 images in (S: the largest
+backbone size), and per backbone branch: the resize 02 did (Pillow's own filter weights as two fixed matrix
+products, when the branch is smaller than S), the backbone's preprocess_input (as a fixed 1x1 convolution), the
+backbone (the weights of its features: ImageNet, or the same seeded random network 02 built with --weights none),
+global average pooling; then the head (`logit`, `p_dog`). predict.py stretches any photo to S x S with Pillow,
+as 02 did, so with S equal to the backbone size the exported model sees exactly 02's pixels.
+Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import helper
+from helper import CatDogError, log
+
+EXPORT_DIR = "export"
+PIL_FILTERS = {"bilinear": "BILINEAR", "nearest": "NEAREST", "bicubic": "BICUBIC", "area": "BOX"}
+
+
+def parse_args(argv=None):
+    p = helper.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--model", help="the saved .keras model to export (default: the one 07 would submit)")
+    p.add_argument("--weights",
+                   help="where the backbones' weights come from: 'imagenet', 'none' or a folder of Keras *_notop.h5 "
+                        "files (default: what the model's features were made with, from its sidecar)")
+    p.add_argument("--out-dir", help="where the exported files go (default: <model-dir>/export)")
+    p.add_argument("--quantize", default="float16", choices=["none", "float16", "dynamic"],
+                   help="TFLite weights: float32 (none), float16 (half the size), or dynamic-range int8")
+    p.add_argument("--check", type=helper.NONNEGATIVE_INT, default=16,
+                   help="test images on which the export is compared with the feature path (07's predictions)")
+    helper.clip_args(p)
+    args = p.parse_args(argv)
+    helper.clip_range(p, args)
+    return args
+
+
+# ----------------------------------------------------------------------------- what the model was trained on
+
+def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings]:
+    """The backbone branches to rebuild, in the head's input order, refused where they cannot be rebuilt
+    faithfully."""
+    settings = [helper.ExtractSettings.of(a) for a in meta["feature_attrs"]]
+    if meta["kind"] in ("single", "merge", "hyperopt") and len(settings) != len(model.inputs):
+        raise CatDogError(f"{model_path}: {len(model.inputs)} inputs but {len(settings)} feature files in its sidecar")
+    for st in settings:
+        if st.jpeg_draft:
+            raise CatDogError(f"{model_path}: its {st.backbone} features were decoded with --jpeg-draft (reduced-scale "
+                              f"JPEG decoding), which a pixel model cannot reproduce: extract without it and retrain")
+        helper.get_backbone(st.backbone)
+    if len({st.interpolation for st in settings}) > 1:
+        raise CatDogError(f"{model_path}: its backbones' features were resized with different methods "
+                          f"({', '.join(st.interpolation for st in settings)}); one exported input cannot match both")
+    return settings
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
+    """Pillow's own resampling weights (n_out x n_in) for one axis: the response of Pillow's resize of a float
+    image to each unit impulse. Resizing is separable, so two of these reproduce 02's resize, short of Pillow's
+    rounding of each pass to uint8 (within 1.5 grey levels, 0.3 on average)."""
+    from PIL import Image
+    filt = getattr(Image.Resampling, PIL_FILTERS[interpolation])
+    w = np.zeros((n_out, n_in), np.float32)
+    for p in range(n_in):
+        impulse = np.zeros((1, n_in), np.float32)
+        impulse[0, p] = 1.0
+        w[:, p] = np.asarray(Image.fromarray(impulse, mode="F").resize((n_out, 1), filt))[0]
+    return w
+
+
+def resize(x, n_in: int, n_out: int, interpolation: str, name: str):
+    """S x S -> n_out x n_out with fixed Pillow weights, as transposes and Dense layers (TFLite builtins)."""
+    import keras
+    weights = resize_matrix(n_in, n_out, interpolation).T
+    x = keras.layers.Permute((1, 3, 2), name=f"{name}_hcw")(x)
+    cols = keras.layers.Dense(n_out, use_bias=False, trainable=False, name=f"{name}_resize_w")
+    # Pillow clamps each pass to [0, 255] (bicubic's negative lobes overshoot): so do we.
+    x = keras.layers.ReLU(max_value=255.0, name=f"{name}_clamp_w")(cols(x))
+    x = keras.layers.Permute((3, 2, 1), name=f"{name}_wch")(x)
+    rows = keras.layers.Dense(n_out, use_bias=False, trainable=False, name=f"{name}_resize_h")
+    x = keras.layers.ReLU(max_value=255.0, name=f"{name}_clamp_h")(rows(x))
+    x = keras.layers.Permute((3, 1, 2), name=f"{name}_hwc")(x)
+    cols.set_weights([weights])
+    rows.set_weights([weights])
+    return x
+
+
+def preprocess(x, bb: helper.Backbone, name: str):
+    """The backbone's preprocess_input as a fixed 1x1 convolution: it is affine per pixel (caffe: RGB->BGR and
+    mean subtraction; tf: [-1, 1]), so probing it with the unit colours gives its exact matrix and offset."""
+    import keras
+    probes = np.vstack([np.zeros(3), np.eye(3)]).astype(np.float32)[:, None, None, :]
+    out = np.asarray(bb.preprocess(probes))[:, 0, 0, :]
+    offset, matrix = out[0], out[1:] - out[0]  # matrix[i] is what input channel i adds to each output channel
+    conv = keras.layers.Conv2D(3, 1, trainable=False, name=f"{name}_preprocess")
+    x = conv(x)
+    conv.set_weights([matrix[None, None], offset])
+    return x
+
+
+def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled: bool = True):
+    """One backbone branch on the float image: resize, preprocess, the backbone (seeded as 02 built it: the
+    same random network with --weights none), global average pooling. Returns (features or maps, backbone)."""
+    import keras
+    bb = helper.get_backbone(st.backbone)
+    x = image if size_in == st.image_size else resize(image, size_in, st.image_size, st.interpolation, bb.name)
+    x = preprocess(x, bb, bb.name)
+    helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
+    net = getattr(keras.applications, bb.constructor)(include_top=False, weights=helper.resolve_weights(weights, bb),
+                                                      input_tensor=x, pooling=None)
+    maps = net.output
+    return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_avg_pool")(maps) if pooled else maps), net
+
+
+def copy_weights(source, target_layers: dict, what: str) -> None:
+    """Copy each layer's weights of `source` (a nested backbone or tail of a fine-tuned model) into the layer
+    of the same name in the pixel model."""
+    for layer in source.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in target_layers:
+            raise CatDogError(f"{what}: layer {layer.name} has no counterpart in the rebuilt backbone")
+        target_layers[layer.name].set_weights(layer.get_weights())
+
+
+# ----------------------------------------------------------------------------- the pixel model
+
+def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
+    """(the pixel-to-P(dog) model, its input size S, the branches' settings)."""
+    import keras
+    settings = branches(model, meta, model_path)
+    size = max(st.image_size for st in settings)
+    image = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1.0, name="to_float")(image)  # uint8 -> float32, values unchanged
+    kind = meta["kind"]
+    if kind in ("single", "merge", "hyperopt"):
+        built = [branch(x, size, st, weights or st.weights) for st in settings]
+        names = [layer.name for _, net in built for layer in net.layers[1:]]  # [0]: the shared input
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise CatDogError(f"{model_path}: its backbones share layer names ({', '.join(clash[:3])}), so they "
+                              f"cannot live in one flat graph; export a model of other backbones")
+        feats = [f for f, _ in built]
+        feats = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name="concat")(feats)
+    else:  # 04: the backbone rebuilt, then the fine-tuned layers' weights put back
+        maps, net = branch(x, size, settings[0], weights or settings[0].weights, pooled=False)
+        nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+        if len(nested) != 1:
+            raise CatDogError(f"{model_path}: expected one nested backbone or tail, found {len(nested)}")
+        copy_weights(nested[0], {layer.name: layer for layer in net.layers}, str(model_path))
+        feats = keras.layers.GlobalAveragePooling2D(name=f"{settings[0].backbone}_avg_pool")(maps)
+    dense = keras.layers.Dense(1, name="logit")
+    out = keras.layers.Activation("sigmoid", name="p_dog")(dense(feats))
+    dense.set_weights(model.get_layer("prediction").get_weights())
+    return keras.Model(image, out, name="catdog"), size, settings
+
+
+def to_tflite(saved_model: Path, quantize: str) -> bytes:
+    """The SavedModel as TFLite flatbuffer bytes, builtin ops only (what LiteRT runs on a phone)."""
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def check_against_features(pixels, model, meta: dict, data_dir: Path, size: int, interpolation: str,
+                           n: int) -> float | None:
+    """The largest |P(dog)| difference between the pixel model and the feature path (07) on `n` test images,
+    or None when the model's feature files are not there to compare with."""
+    if not n or meta["kind"] == "finetune_full":
+        return None
+    try:
+        feats = helper.load_features(meta["features"], data_dir, parts=("test",) if meta["kind"] != "finetune"
+                                     else ())
+    except CatDogError as e:
+        log.info(f"no comparison with the feature path ({e})")
+        return None
+    ids, paths = helper.test_images(data_dir)
+    n = min(n, len(ids))
+    expected = feats.predict(model, "test")[:n]
+    got = pixels.predict(np.stack([helper.load_pixels(p, size, interpolation) for p in paths[:n]]), verbose=0)
+    return float(np.abs(got.ravel() - expected).max())
+
+
+def main(args):
+    model_dir = Path(args.model_dir)
+    path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else model_dir / EXPORT_DIR
+    for target in ("catdog.keras", "catdog.tflite", "export.json"):
+        helper.check_writable_target(out_dir / target)
+    model, meta = helper.load_model(path)
+    log.info(f"exporting {path} ({why})")
+    pixels, size, settings = pixel_model(model, meta, path, args.weights)
+    interpolation = settings[0].interpolation
+    diff = check_against_features(pixels, model, meta, Path(args.data_dir), size, interpolation, args.check)
+    if diff is not None:
+        log.info(f"on {args.check} test images the exported model's P(dog) is within {diff:.2e} of 07's")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with helper.atomic_path(out_dir / "catdog.keras", suffix=".keras") as tmp:
+        pixels.save(tmp)
+    saved = out_dir / "saved_model"
+    tmp_dir = helper.temp_name(saved)
+    try:
+        pixels.export(str(tmp_dir), verbose=False)
+        tflite = to_tflite(tmp_dir, args.quantize)
+        shutil.rmtree(saved, ignore_errors=True)
+        os.replace(tmp_dir, saved)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with helper.atomic_path(out_dir / "catdog.tflite") as tmp:
+        tmp.write_bytes(tflite)
+    info = {"source": str(path.resolve()), "kind": meta["kind"], "input_size": size, "interpolation": interpolation,
+            "backbones": [st.attrs() for st in settings], "weights": args.weights or settings[0].weights,
+            "clip": [args.clip_low, args.clip_high], "quantize": args.quantize, "max_diff_vs_features": diff,
+            "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), **helper.versions()}
+    helper.write_json(info, out_dir / "export.json")
+    sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in ("catdog.keras", "catdog.tflite")}
+    log.info(f"wrote {out_dir}/: catdog.keras ({sizes['catdog.keras']:.1f} MiB), saved_model/, catdog.tflite "
+             f"({sizes['catdog.tflite']:.1f} MiB, {args.quantize}), export.json; input {size}x{size} RGB uint8")
+    return info
+
+
+if __name__ == "__main__":
+    helper.run_cli(main, parse_args())

@@ -1,0 +1,129 @@
+"""Classify your own photos as cat or dog with the model 08_export_model.py exported.
+
+    python predict.py photo.jpg more/*.jpg [--model model/export/catdog.keras|catdog.tflite] [--json] [--cam DIR]
+
+Each photo (any size; grayscale, CMYK and PNG content too) is stretched to the model's input size with Pillow,
+as 02 did. Prints file, cat/dog, P(dog) clipped as in the submission, and milliseconds; then images/s. A file
+that is not a readable image gets its own line and the others are still classified (exit status 1 at the end).
+--json prints JSON Lines (file, label, p_dog, ms, error); --cam DIR writes Grad-CAM overlays (.keras only):
+where each backbone looked, and their sum.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import helper
+from helper import CatDogError, log
+
+
+def parse_args(argv=None):
+    p = helper.argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=helper.HelpFormatter)
+    p.add_argument("images", nargs="+", help="photos to classify")
+    p.add_argument("--model", default="model/export/catdog.keras",
+                   help="the exported model: catdog.keras (Keras), or catdog.tflite (LiteRT, as on a phone); "
+                        "export.json must be beside it")
+    p.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
+    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image into DIR (.keras models)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    args = p.parse_args(argv)
+    if args.cam and Path(args.model).suffix == ".tflite":
+        p.error("--cam needs the .keras model (TFLite has no gradients): pass --model .../catdog.keras")
+    return args
+
+
+class Classifier:
+    """The exported model, Keras or TFLite, one image at a time (the latency a phone app sees)."""
+
+    def __init__(self, path: Path):
+        info_path = path.parent / "export.json"
+        if not path.is_file():
+            raise CatDogError(f"{path} not found: run 08_export_model.py first, or pass --model")
+        try:
+            self.info = json.loads(info_path.read_text())
+            self.size, self.interpolation = int(self.info["input_size"]), self.info["interpolation"]
+            self.clip = tuple(self.info["clip"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CatDogError(f"{info_path} is missing or not 08's export.json ({e}): rerun 08_export_model.py") from e
+        self.keras = path.suffix != ".tflite"
+        if self.keras:
+            import tensorflow as tf
+            self.model = helper.load_keras(path)
+            # One traced graph for every image, and traced now: the first photo's time is not tracing's.
+            spec = tf.TensorSpec((None, self.size, self.size, 3), tf.uint8)
+            self.call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+            self.call(np.zeros((1, self.size, self.size, 3), np.uint8))
+        else:
+            from ai_edge_litert.interpreter import Interpreter
+            try:
+                self.model = Interpreter(model_path=str(path), num_threads=2)
+            except (ValueError, RuntimeError) as e:
+                raise CatDogError(f"{path} is not a readable TFLite model ({e}): rerun 08_export_model.py") from e
+            self.model.allocate_tensors()
+            self.input, self.output = self.model.get_input_details()[0], self.model.get_output_details()[0]
+
+    def p_dog(self, pixels: np.ndarray) -> float:
+        """P(dog) of one size x size RGB uint8 image."""
+        if self.keras:
+            return float(np.asarray(self.call(pixels[None])).ravel()[0])
+        self.model.set_tensor(self.input["index"], pixels[None])
+        self.model.invoke()
+        return float(self.model.get_tensor(self.output["index"]).ravel()[0])
+
+
+def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float, out: Path) -> None:
+    """Where each backbone looked, over the photo as it is (the maps stretched back to its shape)."""
+    from PIL import Image
+    names = [st["backbone"] for st in classifier.info["backbones"]]
+    cams = helper.grad_cam(classifier.model, pixels[None], [f"{n}_avg_pool" for n in names])[:, 0]
+    with Image.open(path) as im:
+        photo = np.asarray(im.convert("RGB"))
+    h, w = photo.shape[:2]
+    cams = np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+                     for c in cams])
+    helper.save_cam_overlay(photo, cams, names, out, title=f"{Path(path).name}: {'dog' if p >= 0.5 else 'cat'} "
+                                                        f"{p:.4f}")
+
+
+def main(args) -> int:
+    classifier = Classifier(Path(args.model))
+    if args.cam:
+        helper.check_writable_target(Path(args.cam) / "x.png")
+    failed, done, total_ms = 0, 0, 0.0
+    for path in args.images:
+        row = {"file": path, "label": None, "p_dog": None, "ms": None, "error": None}
+        try:
+            pixels = helper.load_pixels(path, classifier.size, classifier.interpolation)
+            start = time.perf_counter()
+            p = float(np.clip(classifier.p_dog(pixels), *classifier.clip))
+            row.update(ms=round(1000 * (time.perf_counter() - start), 2), p_dog=p, label="dog" if p >= 0.5 else "cat")
+            done, total_ms = done + 1, total_ms + row["ms"]
+            if args.cam:
+                cam_overlay(classifier, path, pixels, p, Path(args.cam) / f"{Path(path).stem}_cam.png")
+        except CatDogError as e:
+            failed += 1
+            row["error"] = str(e)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif row["error"]:
+            print(f"{path}\terror: {row['error']}", flush=True)
+        else:
+            print(f"{path}\t{row['label']}\t{row['p_dog']:.4f}\t{row['ms']:.1f} ms", flush=True)
+    rate = f"{1000 * done / total_ms:.1f} images/s" if total_ms else "no image classified"
+    log.info(f"{done} classified, {failed} failed: {rate} ({'Keras' if classifier.keras else 'TFLite'}, "
+             f"{classifier.size}x{classifier.size} input)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    cli_args = parse_args()
+    helper.logging.basicConfig(level=helper.logging.DEBUG if cli_args.verbose else helper.logging.INFO,
+                               format="%(message)s", stream=sys.stderr)
+    try:
+        sys.exit(main(cli_args))
+    except CatDogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
