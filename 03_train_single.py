@@ -42,12 +42,7 @@ def main(args):
     results = None
     for name in names:
         feats = helper.load_features([name], args.data_dir)
-        optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
-        model = helper.build_head({name: feats.labelled[0].shape[1]}, args.dropout, optimizer, args.seed)
-        log_dir = Path(args.model_dir) / helper.LOGS_DIR / helper.SINGLE_DIR / name
-        hist, valid = helper.fit_head(model, feats, args, log_dir)
-        row = helper.finish_run(name, model, hist, valid, out_dir, args,
-                                {"kind": "single", "features": feats.names, "feature_attrs": feats.attrs})
+        model, row = helper.train_head(name, feats, args, helper.SINGLE_DIR)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model",
                                        show=name == names[-1])

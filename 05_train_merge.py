@@ -43,13 +43,8 @@ def main(args):
     for combo in combos:
         name = "+".join(combo)
         feats = helper.load_features(combo, args.data_dir)
-        optimizer = helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho)
-        dims = {n: x.shape[1] for n, x in zip(combo, feats.labelled, strict=True)}
-        model = helper.build_head(dims, args.dropout, optimizer, args.seed)
-        log_dir = Path(args.model_dir) / helper.LOGS_DIR / helper.MERGE_DIR / name
-        hist, valid = helper.fit_head(model, feats, args, log_dir)
-        row = helper.finish_run(name, model, hist, valid, out_dir, args,
-                                {"kind": "merge", "features": feats.names, "feature_attrs": feats.attrs})
+        _, row = helper.train_head(name, feats, args, helper.MERGE_DIR)
+        # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model",
                                        show=combo == combos[-1])
     return results

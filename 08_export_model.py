@@ -143,7 +143,8 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
     kind = meta["kind"]
     if kind in ("single", "merge", "hyperopt"):
         built = [branch(x, size, st, weights or st.weights) for st in settings]
-        names = [layer.name for _, net in built for layer in net.layers[1:]]  # [0]: the shared input
+        shared = {image.name, "to_float"}  # every branch starts from these
+        names = [layer.name for _, net in built for layer in net.layers if layer.name not in shared]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
             raise CatDogError(f"{model_path}: its backbones share layer names ({', '.join(clash[:3])}), so they "

@@ -835,12 +835,19 @@ def fit(model, train, valid, epochs: int, callbacks: Sequence, batch_size: int |
     return df
 
 
-def fit_head(model, feats: Features, args: argparse.Namespace, log_dir: Path) -> tuple[pd.DataFrame, tuple]:
-    """Train a head on split.csv's train rows, validate on its valid rows; (history, valid data)."""
+def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
+    """03's and 05's run: the report's head on `feats` (one input per backbone), trained on split.csv's train
+    rows and validated on its valid rows, then saved by finish_run under <model-dir>/<step>/ (step: SINGLE_DIR
+    or MERGE_DIR, also the sidecar's kind). Returns (model, results row)."""
+    dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
+    model = build_head(dims, args.dropout, make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho),
+                       args.seed)
     (xtr, ytr), (xva, yva) = feats.subset("train"), feats.subset("valid")
     valid = (model_inputs(xva), yva)
+    log_dir = Path(args.model_dir) / LOGS_DIR / step / name
     hist = fit(model, (model_inputs(xtr), ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
-    return hist, valid
+    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs}
+    return model, finish_run(name, model, hist, valid, Path(args.model_dir) / step, args, meta)
 
 
 def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, args: argparse.Namespace,

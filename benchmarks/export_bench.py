@@ -6,9 +6,13 @@ sizes, --weights none: the seeded random backbones 02 builds) composed by 08's p
 TFLite model at each quantisation: none, float16, dynamic):
   file MiB       the file's size (SavedModel: the folder's total)
   ms/image       median latency at batch 1 over the images, after one warm-up call, with 2 CPU threads
-                 (TensorFlow: 2 intra-op and 1 inter-op threads; LiteRT: num_threads=2)
+                 (TensorFlow: 2 intra-op and 1 inter-op threads; LiteRT: num_threads=2); the formats are timed
+                 in alternation, image by image, so that other load on the machine hits them alike
   images/s       1000 / ms/image
   max |dP|       the largest difference of its P(dog) from the Keras model's, over the same images
+  CPU s/s        this process's CPU seconds per wall second while that format was timed (near 2 when its
+                 threads had their cores; lower when the machine was busy, or the runtime used fewer threads)
+  export s       seconds to write the file (TFLite: to convert the SavedModel) and load it for timing
 The images are 01's demo images (train/), loaded as predict.py loads a photo (Pillow, bilinear, to 299 x 299).
 
     python benchmarks/export_bench.py                                  # 100 images, all three quantisations
@@ -54,16 +58,24 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def time_per_image(call, images: np.ndarray) -> tuple[float, np.ndarray]:
-    """(median ms per image at batch 1, P(dog) of each image): one warm-up call, then each image once."""
-    call(images[:1])
-    times, probs = [], []
+def time_alternately(runners: dict, images: np.ndarray) -> dict:
+    """Per format: (median ms per image at batch 1, CPU seconds per wall second while timed, P(dog) of each
+    image). One warm-up call each, then image by image every format in turn, so that load from other processes
+    on the machine hits all formats alike."""
+    for call in runners.values():
+        call(images[:1])
+    times = {fmt: [] for fmt in runners}
+    cpu = dict.fromkeys(runners, 0.0)
+    probs = {fmt: [] for fmt in runners}
     for x in images:
-        start = time.perf_counter()
-        p = call(x[None])
-        times.append(time.perf_counter() - start)
-        probs.append(p)
-    return 1000 * float(np.median(times)), np.array(probs, np.float64)
+        for fmt, call in runners.items():
+            wall, proc = time.perf_counter(), time.process_time()
+            p = call(x[None])
+            times[fmt].append(time.perf_counter() - wall)
+            cpu[fmt] += time.process_time() - proc
+            probs[fmt].append(p)
+    return {fmt: (1000 * float(np.median(times[fmt])), cpu[fmt] / sum(times[fmt]), np.array(probs[fmt], np.float64))
+            for fmt in runners}
 
 
 def demo_model(seed: int):
@@ -158,31 +170,20 @@ def main(args):
         out = root / "export"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        rows = []
+        rows, runners = {}, {}
 
-        def measure(fmt: str, mib: float, runner, seconds: float) -> np.ndarray:
-            ms, probs = time_per_image(runner, images)
-            diff = float(np.abs(probs - reference).max()) if reference is not None else 0.0
-            rows.append({"format": fmt, "file MiB": mib, "ms/image": ms, "images/s": 1000 / ms,
-                         "max |dP| vs Keras": diff, "export s": seconds, "note": ""})
-            print(f"{fmt}: {mib:.1f} MiB, {ms:.1f} ms/image, max |dP| {diff:.2e}", flush=True)
-            return probs
+        def exported(fmt: str, start: float, mib: float, runner) -> None:
+            rows[fmt] = {"format": fmt, "file MiB": mib, "export s": time.perf_counter() - start, "note": ""}
+            runners[fmt] = runner
+            print(f"{fmt}: {mib:.1f} MiB in {rows[fmt]['export s']:.0f} s", flush=True)
 
-        reference = None
         start = time.perf_counter()
         pixels.save(out / "catdog.keras")
-        seconds = time.perf_counter() - start
-        reference = measure("Keras (.keras)", (out / "catdog.keras").stat().st_size / 2**20,
-                            keras_runner(pixels, size), seconds)
-        print(f"Keras P(dog) over the images: min {reference.min():.3f}, median {np.median(reference):.3f}, "
-              f"max {reference.max():.3f}", flush=True)
-
+        exported("Keras (.keras)", start, (out / "catdog.keras").stat().st_size / 2**20, keras_runner(pixels, size))
         saved = out / "saved_model"
         start = time.perf_counter()
         pixels.export(str(saved), verbose=False)
-        seconds = time.perf_counter() - start
-        measure("SavedModel", folder_size(saved) / 2**20, saved_model_runner(saved), seconds)
-
+        exported("SavedModel", start, folder_size(saved) / 2**20, saved_model_runner(saved))
         for q in args.quantize:
             fmt = f"TFLite ({q})"
             start = time.perf_counter()
@@ -190,23 +191,35 @@ def main(args):
                 flat = export.to_tflite(saved, q)
             except Exception as e:  # a conversion failure is a result: reported in the table, the others still run
                 message = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                rows.append({"format": fmt, "note": f"conversion failed: {message}"})
+                rows[fmt] = {"format": fmt, "note": f"conversion failed: {message}"}
                 print(f"{fmt}: conversion failed: {message}", flush=True)
                 continue
             path = out / f"catdog_{q}.tflite"
             path.write_bytes(flat)
-            seconds = time.perf_counter() - start
-            measure(fmt, len(flat) / 2**20, tflite_runner(path), seconds)
+            exported(fmt, start, len(flat) / 2**20, tflite_runner(path))
+
+        print(f"timing {len(runners)} formats on {len(images)} images in alternation (load average "
+              f"{os.getloadavg()[0]:.2f})", flush=True)
+        timed = time_alternately(runners, images)
+        reference = timed["Keras (.keras)"][2]
+        print(f"Keras P(dog) over the images: min {reference.min():.3f}, median {np.median(reference):.3f}, "
+              f"max {reference.max():.3f}; load average {os.getloadavg()[0]:.2f}", flush=True)
+        for fmt, (ms, cpu, probs) in timed.items():
+            rows[fmt].update({"ms/image": ms, "images/s": 1000 / ms, "max |dP| vs Keras":
+                              float(np.abs(probs - reference).max()), "CPU s/s": cpu})
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
     import pandas as pd
-    table = pd.DataFrame(rows)
-    print(f"\nbatch 1, {THREADS} CPU threads, median over {len(images)} images after a warm-up call; max |dP|: "
-          f"largest difference of P(dog) from the Keras model's on the same images; export s: time to write the "
-          f"file (TFLite: conversion from the SavedModel)")
-    formats = {"file MiB": ".1f", "ms/image": ".1f", "images/s": ".2f", "max |dP| vs Keras": ".2e", "export s": ".0f"}
+    columns = ["format", "file MiB", "ms/image", "images/s", "max |dP| vs Keras", "CPU s/s", "export s", "note"]
+    table = pd.DataFrame(list(rows.values())).reindex(columns=columns)
+    print(f"\nbatch 1, {THREADS} CPU threads, median over {len(images)} images after a warm-up call, formats timed in "
+          f"alternation; max |dP|: largest difference of P(dog) from the Keras model's on the same images; CPU s/s: "
+          f"this process's CPU seconds per second while timed (about {THREADS} when it had its threads' cores); "
+          f"export s: time to write the file (TFLite: conversion from the SavedModel) and load it")
+    formats = {"file MiB": ".1f", "ms/image": ".1f", "images/s": ".2f", "max |dP| vs Keras": ".2e", "CPU s/s": ".2f",
+               "export s": ".0f"}
     print(table.to_string(index=False, formatters={c: (lambda v, f=f: "-" if pd.isna(v) else format(v, f))
                                                    for c, f in formats.items()}))
     return table

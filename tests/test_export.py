@@ -97,6 +97,24 @@ def test_split_fine_tuned_model_exports(pipeline, tmp_path):
     np.testing.assert_allclose(tflite_predict(model_dir / "export" / "catdog.tflite", pixels), expected, atol=0.01)
 
 
+def test_full_mode_model_exports(pipeline, tmp_path):
+    """04 --mode full: the nested backbone's fine-tuned weights go into the flat graph; 07 reads the same images
+    through Pillow at the same size, so the export agrees to float32 rounding."""
+    model_dir = tmp_path / "model"
+    run("04", "--data-dir", pipeline["data"], "--model-dir", model_dir, "--weights", "none", "--image-size", 48,
+        *HEAD, "--mode", "full", "--init", "random", "--epochs", 1)
+    model_path = model_dir / "finetune" / "ResNet50_full_random.keras"
+    info = run("08", "--data-dir", pipeline["data"], "--model-dir", model_dir, "--model", model_path, "--quantize",
+               "none")
+    assert info["input_size"] == 48 and info["max_diff_vs_features"] is None  # no feature files to compare with
+    model, meta = helper.load_model(model_path)
+    _, paths = helper.test_images(pipeline["data"])
+    expected = script("07").predict_images(model, paths, meta)
+    pixels = np.stack([helper.load_pixels(p, 48) for p in paths])
+    got = helper.load_keras(model_dir / "export" / "catdog.keras").predict(pixels, verbose=0).ravel()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "area", "nearest"])
 def test_in_graph_resize_is_pillows(interpolation):
     """A branch smaller than the input resizes with Pillow's own weights: within 1.5 grey levels of 02's resize

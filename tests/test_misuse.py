@@ -181,7 +181,7 @@ def test_03_checks_its_inputs_and_targets_before_training(pipeline, single_copy,
     else:
         models.append("VGG16")  # the demo pipeline extracted no VGG16 features
         says = "VGG16.h5 is missing or incomplete: run 02_extract_features.py --models VGG16"
-    monkeypatch.setattr(script("03").helper, "fit_head", lambda *a: pytest.fail("trained before the check"))
+    monkeypatch.setattr(script("03").helper, "train_head", lambda *a: pytest.fail("trained before the check"))
     before = snapshot(single_copy, subs)
     with pytest.raises(CatDogError, match=says):
         run("03", "--data-dir", pipeline["data"], "--model-dir", single_copy.parent, "--submissions-dir", subs,
