@@ -162,9 +162,11 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
         info = json.loads((export / "export.json").read_text())
     except (OSError, ValueError):
         info = {}
-    if info.get("source") != str(model_path.resolve()) or not (export / "catdog.keras").is_file():
-        log.info(f"no Grad-CAM overlays: {export} holds no export of {model_path} (run 08_export_model.py "
-                 f"--model {model_path}, then --analyze again)")
+    if (info.get("source") != str(model_path.resolve()) or not (export / "catdog.keras").is_file()
+            or info.get("source_sha256") != helper.file_sha256(model_path)):  # not retrained since
+        log.info(f"no Grad-CAM overlays: {export} holds no export of {model_path} as it is now (run "
+                 f"08_export_model.py --data-dir {data_dir} --model-dir {model_dir} --model {model_path}, then "
+                 f"--analyze again)")
         return
     model = helper.load_keras(export / "catdog.keras")
     names = [b["backbone"] for b in info["backbones"]]

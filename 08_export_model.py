@@ -10,6 +10,7 @@ as 02 did, so with S equal to the backbone size the exported model sees exactly 
 Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
 """
 
+import errno
 import os
 import shutil
 import time
@@ -35,6 +36,8 @@ def parse_args(argv=None):
                    help="TFLite weights: float32 (none), float16 (half the size), or dynamic-range int8")
     p.add_argument("--check", type=helper.NONNEGATIVE_INT, default=16,
                    help="test images on which the export is compared with the feature path (07's predictions)")
+    p.add_argument("--max-diff", type=helper.PROBABILITY, default=0.02,
+                   help="refuse to write an export whose P(dog) differs from 07's by more than this on those images")
     helper.clip_args(p)
     args = p.parse_args(argv)
     helper.clip_range(p, args)
@@ -54,6 +57,13 @@ def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded with --jpeg-draft (reduced-scale "
                               f"JPEG decoding), which a pixel model cannot reproduce: extract without it and retrain")
         helper.get_backbone(st.backbone)
+    for st in settings:
+        if st.decoder != "pil":
+            raise CatDogError(f"{model_path}: its {st.backbone} features were decoded by TensorFlow (02 --decoder "
+                              f"{st.decoder}); exports take Pillow's pixels: extract with --decoder pil and retrain")
+        if st.mixed_precision:
+            log.warning(f"{st.backbone}'s features were computed in float16 (--mixed-precision); the export computes "
+                        f"in float32, so its P(dog) differs slightly")
     if len({st.interpolation for st in settings}) > 1:
         raise CatDogError(f"{model_path}: its backbones' features were resized with different methods "
                           f"({', '.join(st.interpolation for st in settings)}); one exported input cannot match both")
@@ -61,6 +71,17 @@ def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+def check_weights(override: str | None, settings: list[helper.ExtractSettings]) -> None:
+    """--weights may say where the same weights are read from (imagenet or a folder of its files), never swap
+    random weights for trained ones or back: the head would be fed other features."""
+    if override is None:
+        return
+    for st in settings:
+        if (override.lower() == "none") != (st.weights.lower() == "none"):
+            raise CatDogError(f"--weights {override}: the model's {st.backbone} features were made with --weights "
+                              f"{st.weights}; the head only fits those (leave --weights out)")
+
 
 def resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
     """Pillow's own resampling weights (n_out x n_in) for one axis: the response of Pillow's resize of a float
@@ -114,21 +135,22 @@ def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled
     x = image if size_in == st.image_size else resize(image, size_in, st.image_size, st.interpolation, bb.name)
     x = preprocess(x, bb, bb.name)
     helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
-    net = getattr(keras.applications, bb.constructor)(include_top=False, weights=helper.resolve_weights(weights, bb),
-                                                      input_tensor=x, pooling=None)
+    net = bb.build(weights, st.image_size, pooling=None, input_tensor=x)
     maps = net.output
     return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_avg_pool")(maps) if pooled else maps), net
 
 
-def copy_weights(source, target_layers: dict, what: str) -> None:
-    """Copy each layer's weights of `source` (a nested backbone or tail of a fine-tuned model) into the layer
-    of the same name in the pixel model."""
-    for layer in source.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in target_layers:
-            raise CatDogError(f"{what}: layer {layer.name} has no counterpart in the rebuilt backbone")
-        target_layers[layer.name].set_weights(layer.get_weights())
+def copy_weights(source, target, what: str) -> None:
+    """Put the weights of `source` (a fine-tuned model's nested backbone or tail) into the rebuilt backbone
+    `target`: layer by layer from the output back (the tail is the backbone's last layers), since auto-generated
+    names (InceptionV3's conv2d_N) differ between processes. Refused unless every pair matches."""
+    src = [layer for layer in source.layers if layer.weights]
+    dst = [layer for layer in target.layers if layer.weights][-len(src):] if src else []
+    for a, b in zip(src, dst, strict=True):
+        if type(a) is not type(b) or [w.shape for w in a.weights] != [w.shape for w in b.weights]:
+            raise CatDogError(f"{what}: its layer {a.name} does not match the rebuilt backbone's {b.name}: the model "
+                              f"was not made from this backbone")
+        b.set_weights(a.get_weights())
 
 
 # ----------------------------------------------------------------------------- the pixel model
@@ -137,6 +159,7 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
     """(the pixel-to-P(dog) model, its input size S, the branches' settings)."""
     import keras
     settings = branches(model, meta, model_path)
+    check_weights(weights, settings)
     size = max(st.image_size for st in settings)
     image = keras.Input((size, size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0, name="to_float")(image)  # uint8 -> float32, values unchanged
@@ -156,7 +179,7 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
         nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
         if len(nested) != 1:
             raise CatDogError(f"{model_path}: expected one nested backbone or tail, found {len(nested)}")
-        copy_weights(nested[0], {layer.name: layer for layer in net.layers}, str(model_path))
+        copy_weights(nested[0], net, str(model_path))
         feats = keras.layers.GlobalAveragePooling2D(name=f"{settings[0].backbone}_avg_pool")(maps)
     dense = keras.layers.Dense(1, name="logit")
     out = keras.layers.Activation("sigmoid", name="p_dog")(dense(feats))
@@ -194,12 +217,35 @@ def check_against_features(pixels, model, meta: dict, data_dir: Path, size: int,
     return float(np.abs(got.ravel() - expected).max())
 
 
+def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
+    """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
+    an interrupted or failed export never leaves a new model beside an old export.json."""
+    tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
+    try:
+        tmp.mkdir(parents=True)
+        pixels.save(tmp / "catdog.keras")
+        pixels.export(str(tmp / "saved_model"), verbose=False)
+        (tmp / "catdog.tflite").write_bytes(to_tflite(tmp / "saved_model", quantize))
+        helper.write_json(info, tmp / "export.json")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise CatDogError(f"{out_dir.parent} is full: an export needs about three times the model's size there "
+                          f"(Keras, SavedModel, TFLite); the partial export was removed") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(args):
     model_dir = Path(args.model_dir)
     path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
     out_dir = Path(args.out_dir) if args.out_dir else model_dir / EXPORT_DIR
-    for target in ("catdog.keras", "catdog.tflite", "export.json"):
-        helper.check_writable_target(out_dir / target)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CatDogError(f"{out_dir} is a file: give --out-dir a folder")
     model, meta = helper.load_model(path)
     log.info(f"exporting {path} ({why})")
     pixels, size, settings = pixel_model(model, meta, path, args.weights)
@@ -207,25 +253,17 @@ def main(args):
     diff = check_against_features(pixels, model, meta, Path(args.data_dir), size, interpolation, args.check)
     if diff is not None:
         log.info(f"on {args.check} test images the exported model's P(dog) is within {diff:.2e} of 07's")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with helper.atomic_path(out_dir / "catdog.keras", suffix=".keras") as tmp:
-        pixels.save(tmp)
-    saved = out_dir / "saved_model"
-    tmp_dir = helper.temp_name(saved)
-    try:
-        pixels.export(str(tmp_dir), verbose=False)
-        tflite = to_tflite(tmp_dir, args.quantize)
-        shutil.rmtree(saved, ignore_errors=True)
-        os.replace(tmp_dir, saved)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    with helper.atomic_path(out_dir / "catdog.tflite") as tmp:
-        tmp.write_bytes(tflite)
-    info = {"source": str(path.resolve()), "kind": meta["kind"], "input_size": size, "interpolation": interpolation,
-            "backbones": [st.attrs() for st in settings], "weights": args.weights or settings[0].weights,
-            "clip": [args.clip_low, args.clip_high], "quantize": args.quantize, "max_diff_vs_features": diff,
-            "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), **helper.versions()}
-    helper.write_json(info, out_dir / "export.json")
+        if diff > args.max_diff:
+            raise CatDogError(f"the exported model's P(dog) differs from 07's by {diff:.3f} (more than --max-diff "
+                              f"{args.max_diff}) on the test images: nothing written. Backbones of different sizes "
+                              f"see photos resized twice (to {size} px, then to theirs): raise --max-diff to accept it")
+    import PIL
+    info = {"source": str(path.resolve()), "source_sha256": helper.file_sha256(path), "kind": meta["kind"],
+            "input_size": size, "interpolation": interpolation, "backbones": [st.attrs() for st in settings],
+            "weights": args.weights or settings[0].weights, "clip": [args.clip_low, args.clip_high],
+            "quantize": args.quantize, "max_diff_vs_features": diff, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
+    write_export(pixels, out_dir, args.quantize, info)
     sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in ("catdog.keras", "catdog.tflite")}
     log.info(f"wrote {out_dir}/: catdog.keras ({sizes['catdog.keras']:.1f} MiB), saved_model/, catdog.tflite "
              f"({sizes['catdog.tflite']:.1f} MiB, {args.quantize}), export.json; input {size}x{size} RGB uint8")

@@ -352,15 +352,18 @@ class Backbone:
         fn = getattr(keras.applications, self.module).preprocess_input
         return fn(np.array(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)  # it edits numpy in place
 
-    def build(self, weights: str = "imagenet", image_size: int | None = None, pooling: str | None = "avg"):
-        """The CNN without its top, with GlobalAveragePool when pooling='avg'."""
+    def build(self, weights: str = "imagenet", image_size: int | None = None, pooling: str | None = "avg",
+              input_tensor=None):
+        """The CNN without its top, with GlobalAveragePool when pooling='avg'; on `input_tensor` (08), its layers
+        join that tensor's graph instead of a nested model."""
         import keras
         size = image_size or self.size
         if size < self.min_size:
             raise CatDogError(f"{self.name} needs --image-size >= {self.min_size}, got {size}")
         ctor = getattr(keras.applications, self.constructor)
         w = resolve_weights(weights, self)
-        build = functools.partial(ctor, include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling)
+        build = functools.partial(ctor, include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling,
+                                  input_tensor=input_tensor)
         try:
             return build()
         except Exception as e:  # a download failure surfaces as various exception types
@@ -792,6 +795,15 @@ def check_model_dir(model_dir: Path) -> None:
                           f"saved their models in (default: model)")
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in blocks (models are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def pick_model(model_dir: Path) -> tuple[Path, str]:
     """The model to submit and why it was chosen."""
     check_model_dir(model_dir)
@@ -997,15 +1009,19 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
 
 # ==================== Pixels and Grad-CAM ============================================================================
 
-def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """One photo of any size, mode (grayscale, CMYK, palette, alpha) or format Pillow reads, stretched to
-    size x size RGB uint8 as 02 did: what an exported model (08) takes."""
-    from PIL import Image, UnidentifiedImageError
+def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", exif: bool = False) -> np.ndarray:
+    """One photo of any size, mode (grayscale, 16-bit, CMYK, palette, alpha) or format Pillow reads, stretched
+    to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright."""
+    from PIL import Image, ImageOps
     filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC, "area": Image.BOX}
     try:
         with Image.open(path) as im:
+            if exif:
+                im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits: convert("RGB") would clip it to white
+                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
             return np.asarray(im.convert("RGB").resize((size, size), filters[interpolation]), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 

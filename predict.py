@@ -52,12 +52,18 @@ class Classifier:
         if self.keras:
             import tensorflow as tf
             self.model = helper.load_keras(path)
+            if tuple(self.model.input.shape[1:]) != (self.size, self.size, 3):
+                raise CatDogError(f"{path} takes {tuple(self.model.input.shape[1:])} images but {info_path} says "
+                                  f"{self.size} px: the two come from different exports; rerun 08_export_model.py")
             # One traced graph for every image, and traced now: the first photo's time is not tracing's.
             spec = tf.TensorSpec((None, self.size, self.size, 3), tf.uint8)
             self.call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
             self.call(np.zeros((1, self.size, self.size, 3), np.uint8))
         else:
-            from ai_edge_litert.interpreter import Interpreter
+            try:
+                from ai_edge_litert.interpreter import Interpreter
+            except ImportError as e:
+                raise CatDogError("TFLite models run with ai-edge-litert: pip install -r requirements.txt") from e
             try:
                 self.model = Interpreter(model_path=str(path), num_threads=2)
             except (ValueError, RuntimeError) as e:
@@ -79,8 +85,9 @@ def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float,
     from PIL import Image
     names = [st["backbone"] for st in classifier.info["backbones"]]
     cams = helper.grad_cam(classifier.model, pixels[None], [f"{n}_avg_pool" for n in names])[:, 0]
+    from PIL import ImageOps
     with Image.open(path) as im:
-        photo = np.asarray(im.convert("RGB"))
+        photo = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     h, w = photo.shape[:2]
     cams = np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
                      for c in cams])
@@ -92,20 +99,29 @@ def main(args) -> int:
     classifier = Classifier(Path(args.model))
     if args.cam:
         helper.check_writable_target(Path(args.cam) / "x.png")
-    failed, done, total_ms = 0, 0, 0.0
+    failed, done, total_ms, cam_names = 0, 0, 0.0, set()
     for path in args.images:
         row = {"file": path, "label": None, "p_dog": None, "ms": None, "error": None}
         try:
-            pixels = helper.load_pixels(path, classifier.size, classifier.interpolation)
+            # Upright as the phone shows it (EXIF), stretched as 02 did.
+            pixels = helper.load_pixels(path, classifier.size, classifier.interpolation, exif=True)
+        except CatDogError as e:
+            failed += 1
+            row["error"] = str(e)
+        else:
             start = time.perf_counter()
             p = float(np.clip(classifier.p_dog(pixels), *classifier.clip))
             row.update(ms=round(1000 * (time.perf_counter() - start), 2), p_dog=p, label="dog" if p >= 0.5 else "cat")
             done, total_ms = done + 1, total_ms + row["ms"]
             if args.cam:
-                cam_overlay(classifier, path, pixels, p, Path(args.cam) / f"{Path(path).stem}_cam.png")
-        except CatDogError as e:
-            failed += 1
-            row["error"] = str(e)
+                stem = Path(path).stem  # a/1.jpg and b/1.jpg get two overlays, not one
+                name = next(n for n in (f"{stem}{f'_{k}' if k else ''}_cam.png" for k in range(len(cam_names) + 1))
+                            if n not in cam_names)
+                cam_names.add(name)
+                try:
+                    cam_overlay(classifier, path, pixels, p, Path(args.cam) / name)
+                except (OSError, CatDogError) as e:  # the classification stands; only its picture failed
+                    log.warning(f"{path}: no Grad-CAM overlay ({e})")
         if args.json:
             print(json.dumps(row), flush=True)
         elif row["error"]:
