@@ -185,6 +185,9 @@ def main(args):
         helper.check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
     # Credentials first: without them no work is done.
     api = helper.kaggle_api("--kaggle-submit") if args.kaggle_submit else None
+    if api is not None:  # a read-only call: unaccepted rules (403) show now, not after predicting
+        with helper.kaggle_call(f"checking access to {helper.KAGGLE_COMPETITION}"):
+            api.competition_submissions(helper.KAGGLE_COMPETITION)
     path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(Path(args.model_dir))
     model, meta = helper.load_model(path)
     log.info(f"model: {path} ({why})\n{describe(meta)}")

@@ -43,6 +43,13 @@ class FakeApi:
         if "download" in self.fail:
             raise self.fail["download"]
 
+    def competition_submissions(self, competition, group=None, sort=None, page_number=-1, page_token="",
+                                page_size=20):
+        self.calls.append(("submissions", competition))
+        if "submissions" in self.fail:
+            raise self.fail["submissions"]
+        return []
+
     def competition_submit(self, file_name, message, competition, quiet=False, sandbox=False):
         # What is uploaded is the file as it is at this moment: written and checked.
         self.calls.append(("submit", file_name, message, competition, pd.read_csv(file_name)))
@@ -222,6 +229,7 @@ def test_the_real_kaggle_package_takes_these_calls(fake_kaggle, monkeypatch):
     inspect.signature(api.competition_download_file).bind(COMPETITION, "train.zip", path="data/.kaggle-download",
                                                           quiet=False, unzip=True)
     inspect.signature(api.competition_submit).bind("s.csv", "msg", COMPETITION)
+    inspect.signature(api.competition_submissions).bind(COMPETITION)
 
 
 # ----------------------------------------------------------------------------- 07 --kaggle-submit
@@ -246,7 +254,7 @@ def loads(monkeypatch, fake_kaggle):
 def test_submit_uploads_the_checked_csv_with_the_message(pipeline, tmp_path, fake_kaggle, loads):
     out = tmp_path / "s.csv"
     sub = run(*submit_args(pipeline, out), "--kaggle-submit", "merged head, seed 2018")
-    assert names(fake_kaggle.calls) == ["KaggleApi", "authenticate", "load_model", "submit"]
+    assert names(fake_kaggle.calls) == ["KaggleApi", "authenticate", "submissions", "load_model", "submit"]
     _, file_name, message, competition, uploaded = fake_kaggle.calls[-1]
     assert (file_name, message, competition) == (str(out), "merged head, seed 2018", COMPETITION)
     pd.testing.assert_frame_equal(uploaded, sub)
@@ -259,6 +267,15 @@ def test_submit_forbidden_asks_to_accept_the_rules_and_keeps_the_csv(pipeline, t
                                           f"at {RULES}"):
         run(*submit_args(pipeline, out), "--kaggle-submit", "msg")
     assert out.is_file()
+
+
+def test_unaccepted_rules_are_found_before_any_work(pipeline, tmp_path, fake_kaggle, loads):
+    fake_kaggle.fail["submissions"] = http_error(403)
+    out = tmp_path / "s.csv"
+    with pytest.raises(CatDogError, match=f"403 Forbidden while checking access to {helper.KAGGLE_COMPETITION}: "
+                                          f"accept the competition's rules at {RULES}"):
+        run(*submit_args(pipeline, out), "--kaggle-submit", "msg")
+    assert not out.exists() and "load_model" not in names(loads)  # no model loaded, nothing written
 
 
 def test_submit_without_credentials_is_refused_before_the_model_loads(pipeline, tmp_path, fake_kaggle, loads,
