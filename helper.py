@@ -927,6 +927,8 @@ SIDECAR_KEYS["finetune_full"] = ("backbone", "feature_attrs", "seed")
 def load_model(path: str | Path):
     """A saved model and its sidecar metadata, with a clear message for anything missing or broken."""
     path = Path(path)
+    if path.suffix != ".keras":
+        raise CatDogError(f"{path} is not a .keras model: give one that 03-06 saved (model/<step>/<name>.keras)")
     meta_path = path.with_suffix(".json")
     for p in (path, meta_path):
         if not p.is_file():

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image into DIR (.keras models)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     args = p.parse_args(argv)
+    if Path(args.model).suffix not in (".keras", ".tflite"):
+        p.error(f"--model {args.model}: give 08's catdog.keras or catdog.tflite")
     if args.cam and Path(args.model).suffix == ".tflite":
         p.error("--cam needs the .keras model (TFLite has no gradients): pass --model .../catdog.keras")
     return args

@@ -204,6 +204,10 @@ def test_predict_refuses_what_it_cannot_do(exported, tmp_path):
     assert r.returncode == 2 and "--cam needs the .keras model" in r.stderr
     r = predict_cli("x.jpg", "--model", tmp_path / "missing.keras")
     assert r.returncode == 2 and "run 08_export_model.py first" in r.stderr and "Traceback" not in r.stderr
+    r = predict_cli("x.jpg", "--model", folder / "export.json")
+    assert r.returncode == 2 and "give 08's catdog.keras or catdog.tflite" in r.stderr
+    with pytest.raises(CatDogError, match="split.csv is not a .keras model"):
+        helper.load_model(tmp_path / "split.csv")  # 07/08 --model given the wrong file
 
 
 def test_07_analyze_draws_grad_cam_of_the_worst_images(pipeline, exported, tmp_path):
