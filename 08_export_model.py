@@ -22,7 +22,6 @@ import helper
 from helper import CatDogError, log
 
 EXPORT_DIR = "export"
-PIL_FILTERS = {"bilinear": "BILINEAR", "nearest": "NEAREST", "bicubic": "BICUBIC", "area": "BOX"}
 
 
 def parse_args(argv=None):
@@ -88,7 +87,7 @@ def resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
     image to each unit impulse. Resizing is separable, so two of these reproduce 02's resize, short of Pillow's
     rounding of each pass to uint8 (within 1.5 grey levels, 0.3 on average)."""
     from PIL import Image
-    filt = getattr(Image.Resampling, PIL_FILTERS[interpolation])
+    filt = helper.pil_filter(interpolation)
     w = np.zeros((n_out, n_in), np.float32)
     for p in range(n_in):
         impulse = np.zeros((1, n_in), np.float32)

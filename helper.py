@@ -237,19 +237,26 @@ def test_images(data_dir: str | Path) -> tuple[np.ndarray, list[str]]:
 
 # ==================== Images ========================================================================================
 
-INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
+# Pillow's filter for each --interpolation: 02's resize, and what predict.py and 08's graph reproduce.
+PIL_FILTERS = {"bilinear": "BILINEAR", "nearest": "NEAREST", "bicubic": "BICUBIC", "area": "BOX"}
+INTERPOLATIONS = tuple(PIL_FILTERS)
 DECODERS = ("pil", "tf")
+
+
+def pil_filter(interpolation: str):
+    """The Pillow resampling filter of an --interpolation name."""
+    from PIL import Image
+    return getattr(Image.Resampling, PIL_FILTERS[interpolation])
 
 
 def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> np.ndarray:
     """Pillow's decode and antialiased resize of one image, as float32 RGB (size, size, 3). Pillow releases the
     GIL, so tf.data runs it in parallel threads; its antialiased bilinear is 2-3x faster than TF's."""
     from PIL import Image
-    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC, "area": Image.BOX}
     with Image.open(path) as im:
         if jpeg_draft:
             im.draft("RGB", (size, size))  # libjpeg DCT scaling to the smallest scale still >= size
-        return np.asarray(im.convert("RGB").resize((size, size), filters[interpolation]), dtype=np.float32)
+        return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.float32)
 
 
 def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
@@ -1015,14 +1022,13 @@ def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", ex
     """One photo of any size, mode (grayscale, 16-bit, CMYK, palette, alpha) or format Pillow reads, stretched
     to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright."""
     from PIL import Image, ImageOps
-    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC, "area": Image.BOX}
     try:
         with Image.open(path) as im:
             if exif:
                 im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits: convert("RGB") would clip it to white
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
-            return np.asarray(im.convert("RGB").resize((size, size), filters[interpolation]), dtype=np.uint8)
+            return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
