@@ -460,7 +460,7 @@ def baseline_row(model_dir: Path, settings: helper.ExtractSettings, out_dir: Pat
         log.info(f"no 03 result for {settings.backbone}: the comparison has no baseline (run 03_train_single.py)")
         return None
     trained = (json.loads(sidecar.read_text()).get("feature_attrs") or [{}])[0]
-    changed = [k for k in helper.setting_changes(trained, settings.attrs()) if k in NETWORK_SETTINGS]
+    changed = helper.setting_changes(trained, settings.attrs(), NETWORK_SETTINGS)
     df = pd.read_csv(results)
     df = df[df.model == settings.backbone]
     if changed or df.empty:

@@ -457,12 +457,13 @@ class ExtractSettings:
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
 
-def setting_changes(stored: dict, wanted: dict) -> list[str]:
-    """The settings in which two attribute sets differ; the seed only matters for random weights (`none`)."""
+def setting_changes(stored: dict, wanted: dict, keys: Sequence[str] | None = None) -> list[str]:
+    """The settings (all, or those in `keys`) in which two attribute sets differ; the seed only matters for
+    random weights (`none`)."""
     def plain(v):  # HDF5 gives numpy scalars back
         return v.item() if hasattr(v, "item") else v
     return [f.name for f in dataclasses.fields(ExtractSettings)
-            if plain(stored.get(f.name)) != plain(wanted.get(f.name))
+            if (keys is None or f.name in keys) and plain(stored.get(f.name)) != plain(wanted.get(f.name))
             and (f.name != "seed" or plain(wanted.get("weights")) == "none")]
 
 
@@ -485,7 +486,7 @@ def check_same_settings(trained: dict, now: dict, what: str, now_where: str, fix
                         keys: Sequence[str] | None = None) -> None:
     """Refuse to use `what` (trained on features made with the `trained` settings) with features made with
     `now` (at `now_where`), naming both; `keys` limits the comparison to some settings."""
-    changed = [k for k in setting_changes(trained, now) if keys is None or k in keys]
+    changed = setting_changes(trained, now, keys)
     if changed:
         raise CatDogError(f"{what} was trained on features made with "
                           + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f"; {now_where} now gives "
