@@ -52,38 +52,6 @@ def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] |
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def check_trained_on(model_path: str | Path, meta: dict, feats: helper.Features) -> None:
-    """Refuse to feed a saved model features made with other settings than those it was trained on
-    (e.g. 02 rerun at another --image-size), naming both."""
-    if len(meta["feature_attrs"]) != len(feats.names):
-        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta['features']} "
-                          f"were made: retrain it")
-    for name, trained, now, path in zip(feats.names, meta["feature_attrs"], feats.attrs, feats.paths, strict=True):
-        helper.check_same_settings(trained, now, f"{model_path} ({name})", str(path),
-                                   f"rerun {helper.rebuild_command(name, trained)}, or retrain the model")
-
-
-def predictions(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
-                ) -> tuple[helper.Features, dict]:
-    """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`
-    ('labelled', 'test').
-
-    Heads read their feature files, after checking they were made the way the model was trained; a split
-    fine-tuned model streams its maps file (too big for RAM); a model fine-tuned end to end (04 --mode full)
-    reads the images themselves.
-    """
-    if meta.get("kind") == "finetune_full":
-        split, paths, ids = helper.image_parts(data_dir)
-        feats = helper.Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
-                                (split.subset == "valid").to_numpy(), [], helper.laid_out_test_ids(data_dir), [], [])
-        images = {"labelled": paths["train"], "test": paths["test"]}
-        return feats, {part: predict_images(model, images[part], meta) for part in parts}
-    streamed = any(name.endswith("_maps") for name in meta["features"])
-    feats = helper.load_features(meta["features"], data_dir, parts=() if streamed else parts)
-    check_trained_on(model_path, meta, feats)
-    return feats, {part: feats.predict(model, part) for part in parts}
-
-
 def describe(meta: dict) -> str:
     """A sidecar in a few lines: what the model is, how it was trained, what it scored."""
     def flag(k, v):
@@ -100,14 +68,6 @@ def describe(meta: dict) -> str:
         lines.append("  features: " + ", ".join(f"{k}={a.get(k)}" for k in
                                                 (f.name for f in dataclasses.fields(helper.ExtractSettings))))
     return "\n".join(lines)
-
-
-def predict_images(model, paths: list[str], meta: dict, batch_size: int = 64) -> np.ndarray:
-    """Dog probabilities of images for a model fine-tuned end to end (04 --mode full), fed as it was trained."""
-    st = helper.ExtractSettings.of(meta["feature_attrs"][0])
-    ds = helper.image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder,
-                              preprocess=helper.get_backbone(st.backbone).preprocess)
-    return np.asarray(model.predict(ds, verbose=0)).ravel()
 
 
 def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: Path, top: int,
@@ -192,7 +152,7 @@ def main(args):
     model, meta = helper.load_model(path)
     log.info(f"model: {path} ({why})\n{describe(meta)}")
     parts = ("labelled", "test") if args.analyze else ("test",)
-    feats, probs = predictions(model, meta, path, Path(args.data_dir), parts)
+    feats, probs = helper.predict_saved(model, meta, path, Path(args.data_dir), parts)
     clip = (args.clip_low, args.clip_high)
     sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(args.data_dir),
                                   clip)

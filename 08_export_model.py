@@ -197,23 +197,21 @@ def to_tflite(saved_model: Path, quantize: str) -> bytes:
     return converter.convert()
 
 
-def check_against_features(pixels, model, meta: dict, data_dir: Path, size: int, interpolation: str,
-                           n: int) -> float | None:
-    """The largest |P(dog)| difference between the pixel model and the feature path (07) on `n` test images,
-    or None when the model's feature files are not there to compare with."""
+def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir: Path, size: int,
+                           interpolation: str, n: int) -> float | None:
+    """The largest |P(dog)| difference between the pixel model and 07's predictions (helper.predict_saved) on
+    `n` test images, or None when the model's feature files are not there to compare with."""
     if not n or meta["kind"] == "finetune_full":
         return None
     try:
-        feats = helper.load_features(meta["features"], data_dir, parts=("test",) if meta["kind"] != "finetune"
-                                     else ())
+        _, probs = helper.predict_saved(model, meta, model_path, data_dir, ("test",))
     except CatDogError as e:
         log.info(f"no comparison with the feature path ({e})")
         return None
-    ids, paths = helper.test_images(data_dir)
-    n = min(n, len(ids))
-    expected = feats.predict(model, "test")[:n]
+    _, paths = helper.test_images(data_dir)
+    n = min(n, len(paths))
     got = pixels.predict(np.stack([helper.load_pixels(p, size, interpolation) for p in paths[:n]]), verbose=0)
-    return float(np.abs(got.ravel() - expected).max())
+    return float(np.abs(got.ravel() - probs["test"][:n]).max())
 
 
 def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
@@ -249,7 +247,7 @@ def main(args):
     log.info(f"exporting {path} ({why})")
     pixels, size, settings = pixel_model(model, meta, path, args.weights)
     interpolation = settings[0].interpolation
-    diff = check_against_features(pixels, model, meta, Path(args.data_dir), size, interpolation, args.check)
+    diff = check_against_features(pixels, model, meta, path, Path(args.data_dir), size, interpolation, args.check)
     if diff is not None:
         log.info(f"on {args.check} test images the exported model's P(dog) is within {diff:.2e} of 07's")
         if diff > args.max_diff:

@@ -969,6 +969,46 @@ def load_keras(path: str | Path):
                           f"truncated; retrain it") from e
 
 
+def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> None:
+    """Refuse to feed a saved model features made with other settings than those it was trained on
+    (e.g. 02 rerun at another --image-size), naming both."""
+    if len(meta["feature_attrs"]) != len(feats.names):
+        raise CatDogError(f"{model_path}: its sidecar does not record how its features {meta['features']} "
+                          f"were made: retrain it")
+    for name, trained, now, path in zip(feats.names, meta["feature_attrs"], feats.attrs, feats.paths, strict=True):
+        check_same_settings(trained, now, f"{model_path} ({name})", str(path),
+                            f"rerun {rebuild_command(name, trained)}, or retrain the model")
+
+
+def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
+    """Dog probabilities of images for a model fine-tuned end to end (04 --mode full), fed as it was trained."""
+    st = ExtractSettings.of(meta["feature_attrs"][0])
+    ds = image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder,
+                       preprocess=get_backbone(st.backbone).preprocess)
+    return np.asarray(model.predict(ds, verbose=0)).ravel()
+
+
+def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
+                  ) -> tuple[Features, dict]:
+    """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`
+    ('labelled', 'test'): 07's predictions, which 08 compares its export with.
+
+    Heads read their feature files, after checking they were made the way the model was trained; a split
+    fine-tuned model streams its maps file (too big for RAM); a model fine-tuned end to end (04 --mode full)
+    reads the images themselves.
+    """
+    if meta.get("kind") == "finetune_full":
+        split, paths, ids = image_parts(data_dir)
+        feats = Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
+                         (split.subset == "valid").to_numpy(), [], ids, [], [])
+        images = {"labelled": paths["train"], "test": paths["test"]}
+        return feats, {part: predict_images(model, images[part], meta) for part in parts}
+    streamed = any(name.endswith("_maps") for name in meta["features"])
+    feats = load_features(meta["features"], data_dir, parts=() if streamed else parts)
+    check_trained_on(model_path, meta, feats)
+    return feats, {part: feats.predict(model, part) for part in parts}
+
+
 # ==================== Submission ====================================================================================
 
 CLIP = (0.005, 0.995)

@@ -112,7 +112,7 @@ def test_full_mode_model_exports(pipeline, tmp_path):
     assert info["input_size"] == 48 and info["max_diff_vs_features"] is None  # no feature files to compare with
     model, meta = helper.load_model(model_path)
     _, paths = helper.test_images(pipeline["data"])
-    expected = script("07").predict_images(model, paths, meta)
+    expected = helper.predict_images(model, paths, meta)
     pixels = np.stack([helper.load_pixels(p, 48) for p in paths])
     got = helper.load_keras(model_dir / "export" / "catdog.keras").predict(pixels, verbose=0).ravel()
     np.testing.assert_allclose(got, expected, atol=1e-4)
