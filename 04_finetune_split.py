@@ -14,7 +14,6 @@ model/logs/finetune/<name>/.
 
 import contextlib
 import functools
-import json
 import math
 import os
 import time
@@ -459,7 +458,11 @@ def baseline_row(model_dir: Path, settings: helper.ExtractSettings, out_dir: Pat
     if not (results.is_file() and hist.is_file() and sidecar.is_file()):
         log.info(f"no 03 result for {settings.backbone}: the comparison has no baseline (run 03_train_single.py)")
         return None
-    trained = (json.loads(sidecar.read_text()).get("feature_attrs") or [{}])[0]
+    try:
+        trained = helper.read_sidecar(sidecar.with_suffix(".keras"))["feature_attrs"][0]
+    except CatDogError as e:  # the comparison is optional: a broken 03 sidecar only drops it
+        log.info(f"no baseline: {e}")
+        return None
     changed = helper.setting_changes(trained, settings.attrs(), NETWORK_SETTINGS)
     df = pd.read_csv(results)
     df = df[df.model == settings.backbone]

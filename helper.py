@@ -935,12 +935,21 @@ SIDECAR_KEYS["finetune_full"] = ("backbone", "feature_attrs", "seed")
 def load_model(path: str | Path):
     """A saved model and its sidecar metadata, with a clear message for anything missing or broken."""
     path = Path(path)
+    if path.suffix == ".keras" and not path.is_file():
+        raise CatDogError(f"{path} not found: train the model first, or check --model")
+    meta = read_sidecar(path)  # the cheap checks first
+    return load_keras(path), meta
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of the saved model `path` (`<name>.json` beside `<name>.keras`), checked to hold what its
+    kind needs, with a clear message for anything missing or broken."""
+    path = Path(path)
     if path.suffix != ".keras":
         raise CatDogError(f"{path} is not a .keras model: give one that 03-06 saved (model/<step>/<name>.keras)")
     meta_path = path.with_suffix(".json")
-    for p in (path, meta_path):
-        if not p.is_file():
-            raise CatDogError(f"{p} not found: train the model first, or check --model")
+    if not meta_path.is_file():
+        raise CatDogError(f"{meta_path} not found: train the model first, or check --model")
     try:
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -950,7 +959,7 @@ def load_model(path: str | Path):
     missing = [k for k in SIDECAR_KEYS[meta["kind"]] if k not in meta]
     if missing:
         raise CatDogError(f"{meta_path} lacks {', '.join(missing)}: retrain {path.name}")
-    return load_keras(path), meta
+    return meta
 
 
 def load_keras(path: str | Path):

@@ -349,3 +349,14 @@ def test_a_sidecar_without_what_07_needs_is_named(copied, tmp_path, drop):
     with pytest.raises(CatDogError, match=f"ResNet50.json lacks {drop}: retrain ResNet50.keras"):
         run("07", *copied["d"], "--model", copied["model"] / "single" / "ResNet50.keras", "--output",
             tmp_path / "s.csv")
+
+
+def test_04_drops_a_baseline_whose_sidecar_is_broken(tmp_path):
+    """The 03 comparison is optional: a garbled 03 sidecar drops it with a line, not a traceback."""
+    single = tmp_path / "single"
+    single.mkdir()
+    pd.DataFrame({"model": ["ResNet50"], "val_loss": [0.1]}).to_csv(single / "results.csv", index=False)
+    pd.DataFrame({"epoch": [1], "val_loss": [0.1]}).to_csv(single / "ResNet50.history.csv", index=False)
+    (single / "ResNet50.json").write_text("{not json")
+    settings = helper.ExtractSettings("ResNet50", 75, weights="none", split_layer="conv5_block2_out")
+    assert script("04").baseline_row(tmp_path, settings, tmp_path / "finetune") is None
