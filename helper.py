@@ -111,18 +111,21 @@ def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """Run a script's main(): user errors become one line and exit code 2."""
+def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, log_stream=None) -> None:
+    """Run a script's main(): user errors become one line and exit code 2; a main() that returns an int (predict.py)
+    exits with it. Logs go to stdout, or `log_stream` (predict.py keeps stdout for its results)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s", stream=sys.stdout)
+                        format="%(message)s", stream=log_stream or sys.stdout)
     try:
-        main(args)
+        result = main(args)
     except CatDogError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    if isinstance(result, int):
+        sys.exit(result)
 
 
 def temp_name(path: str | Path, suffix: str = "") -> Path:

@@ -137,11 +137,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    cli_args = parse_args()
-    helper.logging.basicConfig(level=helper.logging.DEBUG if cli_args.verbose else helper.logging.INFO,
-                               format="%(message)s", stream=sys.stderr)
-    try:
-        sys.exit(main(cli_args))
-    except CatDogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    helper.run_cli(main, parse_args(), log_stream=sys.stderr)
