@@ -3,8 +3,8 @@
 By default the model is hyperopt's best if there is one, else the best merged model, else the best
 single head (lowest val_loss in their results.csv). Predictions are clipped to [0.005, 0.995]: a
 confident mistake costs far more log loss than confidence gains. --analyze shows the worst-predicted
-labelled images, like the report's section IV. --kaggle-submit MESSAGE then uploads the checked submission
-to Kaggle (needs API credentials, checked before any work).
+labelled images, like the report's section IV, and where the model looked (08's export). --kaggle-submit
+MESSAGE then uploads the checked submission to Kaggle (needs API credentials, checked before any work).
 """
 
 import dataclasses
@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
     helper.clip_args(p)
     p.add_argument("--analyze", action="store_true",
-                   help="also rank labelled images by |label - prediction| into model/analysis/")
+                   help="also rank labelled images by |label - prediction| into model/analysis/ (with Grad-CAM "
+                        "overlays of the worst when model/export/ holds 08's export of this model)")
     p.add_argument("--top", type=helper.POSITIVE_INT, default=20, help="images in the --analyze grid")
     p.add_argument("--kaggle-submit", metavar="MESSAGE",
                    help=f"then upload the checked submission to Kaggle's {helper.KAGGLE_COMPETITION} with this "

@@ -1,7 +1,7 @@
 """Everything the numbered catdog scripts share.
 
 Sections: paths and CLI, Kaggle data, splitting, images, backbones, feature cache, heads, training,
-metrics, submission, plots. What only one step uses lives in that step's script.
+submission, pixels and Grad-CAM, Kaggle API, plots. What only one step uses lives in that step's script.
 TensorFlow and Keras are imported inside the functions that need them, so the
 data step (01) and `-h` stay fast and importing this module does no work.
 """
@@ -1126,7 +1126,7 @@ def save_cam_overlay(image: np.ndarray, cams: np.ndarray, names: Sequence[str], 
     save_figure(fig, path)
 
 
-# ==================== Kaggle ========================================================================================
+# ==================== Kaggle API ====================================================================================
 
 KAGGLE_COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 KAGGLE_RULES = f"https://www.kaggle.com/c/{KAGGLE_COMPETITION}/rules"
