@@ -2,6 +2,8 @@
 
 For each backbone, data/features/<Model>.h5 holds `train` (split.csv order), `label`, `train_files`,
 `test` (ids ascending), `test_ids`, and the settings as attributes; `complete=True` is written last.
+With --views V it also holds `train_views` (V, N, D) and `test_views` (V, M, D) (view 0 = the plain rows, view 1 the
+mirror, then random augmentations) and their transformations `train_view_params`, `test_view_params`.
 A complete file made with the same settings is skipped, so an interrupted run resumes.
 """
 
@@ -27,6 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at least twice the target size at 1/2, 1/4 or 1/8 scale (faster decode, "
                         "slightly different features)")
+    p.add_argument("--views", type=helper.POSITIVE_INT, default=1,
+                   help="feature rows per image: 1 is the report (no augmentation); V > 1 also writes train_views "
+                        "and test_views (V rows per image: the image, its mirror, then random rotations, crops, "
+                        "shifts and brightness, the same for every backbone) for heads' --views and 07 --tta")
+    p.add_argument("--views-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage type of the views (float16 halves the files; the plain rows stay float32)")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (for GPUs)")
     p.add_argument("--multi-gpu", action="store_true", help="split batches across all visible GPUs")
     p.add_argument("--force", action="store_true", help="recompute even complete feature files")
@@ -36,6 +44,8 @@ def parse_args(argv=None):
 def plan(args) -> dict[str, helper.ExtractSettings]:
     """Each requested backbone's settings, all checked before the first one starts (a size too small for the
     last backbone must not surface after minutes of extracting the first)."""
+    if args.views > 1 and args.decoder != "pil":
+        raise CatDogError("--views makes its augmented views with Pillow: use --decoder pil (the default)")
     settings = {}
     for name in dict.fromkeys(args.models):
         bb = helper.get_backbone(name)
@@ -45,7 +55,8 @@ def plan(args) -> dict[str, helper.ExtractSettings]:
                               f"extract {name} in a run of its own at its native size")
         helper.resolve_weights(args.weights, bb)  # a missing weights file, named now
         settings[name] = helper.ExtractSettings(name, size, args.interpolation, args.decoder, args.jpeg_draft,
-                                                args.weights, args.seed, args.mixed_precision)
+                                                args.weights, args.seed, args.mixed_precision, views=args.views,
+                                                views_dtype=args.views_dtype if args.views > 1 else "")
     return settings
 
 

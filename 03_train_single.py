@@ -16,6 +16,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", choices=list(helper.BACKBONES), metavar="MODEL",
                    help="backbones to train on (default: every one with a feature file)")
     helper.head_args(p, epochs=10)
+    helper.views_arg(p)
     p.add_argument("--predict", action=helper.argparse.BooleanOptionalAction, default=True,
                    help="also write submissions/<Model>.csv")
     p.add_argument("--submissions-dir", default="submissions", help="where the per-model CSVs go")
@@ -35,13 +36,16 @@ def main(args):
     # Before the first model trains: every feature file (a missing one must not surface after the others are
     # retrained) and every submission target (a --submissions-dir that is a file must not fail after training).
     helper.load_features(names, args.data_dir, parts=())
+    if args.views > 1:
+        for name in names:  # each on its own: a single head needs only its own file's views
+            helper.check_views([name], args.data_dir, args.views)
     if args.predict:
         for name in names:
             helper.check_writable_target(Path(args.submissions_dir) / f"{name}.csv")
     out_dir = Path(args.model_dir) / helper.SINGLE_DIR
     results = None
     for name in names:
-        feats = helper.load_features([name], args.data_dir)
+        feats = helper.load_features([name], args.data_dir, **helper.head_parts(args))
         model, row = helper.train_head(name, feats, args, helper.SINGLE_DIR)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model",

@@ -21,6 +21,7 @@ def parse_args(argv=None):
     p.add_argument("--combos", action="store_true",
                    help="train the report's three combinations instead (those whose features exist)")
     helper.head_args(p, epochs=7)
+    helper.views_arg(p)
     args = helper.resolve_head_args(p.parse_args(argv))
     if not args.combos and len(set(args.models)) < 2:
         p.error("--models needs at least two different backbones to merge")
@@ -42,7 +43,7 @@ def main(args):
     results = None
     for combo in combos:
         name = "+".join(combo)
-        feats = helper.load_features(combo, args.data_dir)
+        feats = helper.load_features(combo, args.data_dir, **helper.head_parts(args))
         _, row = helper.train_head(name, feats, args, helper.MERGE_DIR)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model",

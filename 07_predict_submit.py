@@ -24,6 +24,11 @@ def parse_args(argv=None):
                                    "(default: the best one found under --model-dir)")
     p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
     helper.clip_args(p)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the model over the test views of its feature files "
+                        "(02 --views), or over each image and its mirror for 04 --mode full models")
+    p.add_argument("--tta-mean", default="prob", choices=["prob", "logit"],
+                   help="--tta: the arithmetic mean of the probabilities, or the mean of the logits")
     p.add_argument("--analyze", action="store_true",
                    help="also rank labelled images by |label - prediction| into model/analysis/ (with Grad-CAM "
                         "overlays of the worst when model/export/ holds 08's export of this model)")
@@ -53,6 +58,16 @@ def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] |
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def tta_mean(views: np.ndarray, how: str = "prob") -> np.ndarray:
+    """Combine (V, rows) per-view probabilities: their mean ('prob'), or the sigmoid of their logits' mean
+    ('logit'; the probabilities are kept off 0 and 1 first, float32's sigmoid saturates there)."""
+    views = np.asarray(views, np.float64)
+    if how == "prob":
+        return views.mean(axis=0)
+    p = np.clip(views, 1e-7, 1 - 1e-7)
+    return 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(axis=0)))
+
+
 def describe(meta: dict) -> str:
     """A sidecar in a few lines: what the model is, how it was trained, what it scored."""
     def flag(k, v):
@@ -72,8 +87,9 @@ def describe(meta: dict) -> str:
 
 
 def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: Path, top: int,
-            clip) -> pd.DataFrame:
-    """Rank the labelled images by |label - prediction|: worst.csv (top 100) and a grid of the top images."""
+            clip, plain: np.ndarray | None = None) -> pd.DataFrame:
+    """Rank the labelled images by |label - prediction|: worst.csv (top 100) and a grid of the top images.
+    `plain`: the predictions without test-time augmentation, when `probs` have it, to compare the two."""
     from PIL import Image
     err = np.abs(feats.labels - probs)
     order = np.argsort(-err, kind="stable")
@@ -92,8 +108,11 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
             ax.imshow(im.convert("RGB"))
         ax.set_title(f"{CLASSES[r.label]}_{helper.parse_train_name(r.filename)[1]}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, out_dir / "worst.png")
-    yv, pv = feats.labels[feats.valid], probs[feats.valid]
-    log.info(f"val log loss: {log_loss(yv, pv):.5f} raw, {log_loss(yv, pv, clip):.5f} clipped to {clip}")
+    yv = feats.labels[feats.valid]
+    for what, p in ([("without TTA", plain), ("with TTA", probs)] if plain is not None else [("", probs)]):
+        pv = p[feats.valid]
+        log.info(f"val log loss{' ' + what if what else ''}: {log_loss(yv, pv):.5f} raw, "
+                 f"{log_loss(yv, pv, clip):.5f} clipped to {clip}")
     return df
 
 
@@ -153,13 +172,18 @@ def main(args):
     model, meta = helper.load_model(path)
     log.info(f"model: {path} ({why})\n{describe(meta)}")
     parts = ("labelled", "test") if args.analyze else ("test",)
-    feats, probs = helper.predict_saved(model, meta, path, Path(args.data_dir), parts)
+    feats, probs = helper.predict_saved(model, meta, path, Path(args.data_dir), parts, views=args.tta)
+    plain = dict(probs)
+    if args.tta:
+        probs = {part: tta_mean(probs[f"{part}_views"], args.tta_mean) for part in parts}
+        log.info(f"--tta: {args.tta_mean} mean over {len(plain['test_views'])} views")
     clip = (args.clip_low, args.clip_high)
     sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(args.data_dir),
                                   clip)
     if args.analyze:
         out_dir = Path(args.model_dir) / helper.ANALYSIS_DIR
-        worst = analyze(probs["labelled"], feats, Path(args.data_dir), out_dir, args.top, clip)
+        worst = analyze(probs["labelled"], feats, Path(args.data_dir), out_dir, args.top, clip,
+                        plain["labelled"] if args.tta else None)
         cam_worst(worst.head(args.top), path, Path(args.model_dir), Path(args.data_dir), out_dir / "cam")
     if api is not None:
         kaggle_submit(api, output, args.kaggle_submit)

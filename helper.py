@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,48 @@ def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> 
         return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.float32)
 
 
+# Augmented feature views (02 --views): view 0 is the image itself, view 1 its mirror, views 2.. random
+# transformations. Each is drawn from (seed, image name, view) alone, so view k of an image is the same
+# transformation for every backbone, and the rows of all feature files stay aligned view by view.
+VIEW_PARAMS = ("mirror", "angle", "zoom", "shift_x", "shift_y", "brightness")
+MAX_ANGLE, MIN_ZOOM, BRIGHTNESS = 20.0, 0.8, 0.2
+
+
+def view_params(seed: int, names: Sequence[str], view: int) -> np.ndarray:
+    """The transformation of view `view` of each image (rows of VIEW_PARAMS, float32): mirror 0/1, angle in
+    degrees (+-MAX_ANGLE), zoom (the crop's share of each side, MIN_ZOOM..1), shift of the crop within the margin
+    (-1..1 each way), brightness factor (1 +- BRIGHTNESS)."""
+    identity = np.array([0, 0, 1, 0, 0, 1], np.float32)
+    out = np.tile(identity, (len(names), 1))
+    if view == 1:
+        out[:, 0] = 1
+    elif view >= 2:
+        for i, name in enumerate(names):  # crc32, not hash(): the same draw in every process
+            rng = np.random.default_rng([seed, view, zlib.crc32(str(name).encode())])
+            out[i] = [rng.random() < 0.5, rng.uniform(-MAX_ANGLE, MAX_ANGLE), rng.uniform(MIN_ZOOM, 1.0),
+                      rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)]
+    return out
+
+
+def _pil_view(path: str, size: int, interpolation: str, jpeg_draft: bool, params: np.ndarray) -> np.ndarray:
+    """_pil_resized of one view: mirror, rotate about the centre, crop (zoom, shift), stretch, brighten."""
+    from PIL import Image
+    mirror, angle, zoom, shift_x, shift_y, brightness = (float(v) for v in params)
+    with Image.open(path) as im:
+        if jpeg_draft:
+            im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        if mirror:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if angle:
+            im = im.rotate(angle, resample=Image.Resampling.BILINEAR)
+        w, h = im.size
+        left, top = (w - zoom * w) / 2 * (1 + shift_x), (h - zoom * h) / 2 * (1 + shift_y)
+        x = np.asarray(im.resize((size, size), pil_filter(interpolation), box=(left, top, left + zoom * w,
+                                                                               top + zoom * h)), np.float32)
+    return x if brightness == 1 else np.clip(x * brightness, 0, 255)
+
+
 def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
     """Decode JPEG/PNG bytes to RGB and stretch to size x size (no crop, as the report does). With `jpeg_draft`,
     a JPEG at least twice the size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling."""
@@ -286,10 +329,19 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
     return tf.ensure_shape(tf.cast(img, tf.float32), (size, size, 3))
 
 
-def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: bool = False, decoder: str = "pil"):
+def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: bool = False, decoder: str = "pil",
+                 params=None):
     """One image file (a string tensor) -> float32 RGB (size, size, 3) in [0, 255], stretched (no crop): by Pillow
-    (the report's decoder) through tf.numpy_function, or by decoder 'tf' all in the TensorFlow graph."""
+    (the report's decoder) through tf.numpy_function, or by decoder 'tf' all in the TensorFlow graph. `params`
+    (a row of view_params) makes it that view of the image (Pillow only)."""
     import tensorflow as tf
+    if params is not None:
+        if decoder != "pil":
+            raise CatDogError("augmented views are made by Pillow: use --decoder pil with --views")
+        img = tf.numpy_function(
+            lambda p, v: _pil_view(os.fsdecode(np.asarray(p).item()), size, interpolation, jpeg_draft, v),
+            [path, params], tf.float32, stateful=False)
+        return tf.ensure_shape(img, (size, size, 3))
     if decoder == "tf":
         return _decode_resized(tf.io.read_file(path), size, interpolation, jpeg_draft)
     if decoder != "pil":
@@ -302,25 +354,28 @@ def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: b
 
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolation: str = "bilinear",
                   jpeg_draft: bool = False, labels: Sequence[float] | None = None, shuffle_seed: int | None = None,
-                  augment=None, preprocess=None, decoder: str = "pil"):
+                  augment=None, preprocess=None, decoder: str = "pil", params: np.ndarray | None = None):
     """tf.data pipeline: parallel read + decode + resize, batched and prefetched, float32 in [0, 255], in `paths`
     order unless `shuffle_seed` (a new seeded order each epoch); (images, labels) with `labels`. `augment`
-    (training only) and then `preprocess` are applied to each batch."""
+    (training only) and then `preprocess` are applied to each batch. `params` (view_params of `paths`) gives each
+    image's view instead of the image itself."""
     import tensorflow as tf
 
-    def load(p):
-        return load_resized(p, size, interpolation, jpeg_draft, decoder)
+    def load(p, *rest):  # rest: the view's params, then the label; or the label; or nothing
+        view = rest[0] if params is not None else None
+        x = load_resized(p, size, interpolation, jpeg_draft, decoder, view)
+        label = rest[1:] if params is not None else rest
+        return (x, *label) if label else x
 
     def on_images(fn):  # apply fn to the images of an element, whether or not it carries labels
         return lambda x, *y: (fn(x), *y) if y else fn(x)
 
-    if labels is None:
-        ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.float32)))
+    columns = [list(paths)] + ([np.asarray(params, np.float32)] if params is not None else []) + (
+        [np.asarray(labels, np.float32)] if labels is not None else [])
+    ds = tf.data.Dataset.from_tensor_slices(tuple(columns) if len(columns) > 1 else columns[0])
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(on_images(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
         # One batch at a time: the random layers' seed state then advances in the same order every run.
@@ -451,6 +506,8 @@ class ExtractSettings:
     mixed_precision: bool = False
     split_layer: str = ""     # maps files: the layer the backbone was cut after ("" for pooled features)
     dtype: str = "float32"
+    views: int = 1            # 02 --views: feature rows of augmented views beside the plain ones
+    views_dtype: str = ""     # their storage type ("" without views)
 
     def attrs(self) -> dict:
         return dataclasses.asdict(self)
@@ -460,14 +517,21 @@ class ExtractSettings:
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
 
+# Settings that add rows beside the plain ones without changing them: a model trained on a file's plain rows can
+# use the file whatever its views.
+VIEW_SETTINGS = ("views", "views_dtype")
+ROW_SETTINGS = tuple(f.name for f in dataclasses.fields(ExtractSettings) if f.name not in VIEW_SETTINGS)
+
+
 def setting_changes(stored: dict, wanted: dict, keys: Sequence[str] | None = None) -> list[str]:
     """The settings (all, or those in `keys`) in which two attribute sets differ; the seed only matters for
-    random weights (`none`)."""
-    def plain(v):  # HDF5 gives numpy scalars back
+    random weights (`none`). A setting absent from a set (a file written before it existed) has its default."""
+    def plain(attrs, f):  # HDF5 gives numpy scalars back
+        v = attrs.get(f.name, f.default)
         return v.item() if hasattr(v, "item") else v
     return [f.name for f in dataclasses.fields(ExtractSettings)
-            if (keys is None or f.name in keys) and plain(stored.get(f.name)) != plain(wanted.get(f.name))
-            and (f.name != "seed" or plain(wanted.get("weights")) == "none")]
+            if (keys is None or f.name in keys) and plain(stored, f) != plain(wanted, f)
+            and (f.name != "seed" or str(wanted.get("weights")) == "none")]
 
 
 def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
@@ -486,9 +550,10 @@ def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
 
 
 def check_same_settings(trained: dict, now: dict, what: str, now_where: str, fix: str,
-                        keys: Sequence[str] | None = None) -> None:
+                        keys: Sequence[str] = ROW_SETTINGS) -> None:
     """Refuse to use `what` (trained on features made with the `trained` settings) with features made with
-    `now` (at `now_where`), naming both; `keys` limits the comparison to some settings."""
+    `now` (at `now_where`), naming both; `keys` limits the comparison to some settings (by default those of the
+    plain rows: views are checked where they are used)."""
     changed = setting_changes(trained, now, keys)
     if changed:
         raise CatDogError(f"{what} was trained on features made with "
@@ -509,15 +574,28 @@ def rebuild_command(name: str, attrs: dict) -> str:
 
 class FeatureWriter:
     """Appends feature rows to an HDF5 file built under a temp name (this process's own); `complete=True` and the
-    rename come last. As a context manager it closes the file and removes the temp file whatever happens."""
+    rename come last. As a context manager it closes the file and removes the temp file whatever happens.
+
+    With `view_params` ({'train': (V, N, 6), 'test': (V, M, 6)}, from view_params), the file also holds
+    `train_views` (V, N, ...) and `test_views` (V, M, ...) in `views_dtype`, and the transformations as
+    `train_view_params` and `test_view_params`; view 0 is written with the plain rows."""
 
     def __init__(self, path: Path, train_files: Sequence[str], labels: Sequence[int], test_ids: Sequence[int],
-                 feature_shape: tuple[int, ...], dtype: str, attrs: dict):
+                 feature_shape: tuple[int, ...], dtype: str, attrs: dict,
+                 view_params: dict[str, np.ndarray] | None = None, views_dtype: str = "float16"):
         self.path, self.tmp, self.file, self.attrs = check_writable_target(path), temp_name(path), None, attrs
         self.columns = {"label": np.asarray(labels, dtype=np.uint8), "test_ids": np.asarray(test_ids, dtype=np.int64),
                         "train_files": np.asarray(train_files, dtype=object).astype("S")}
         self.shape = {"train": (len(train_files), *feature_shape), "test": (len(test_ids), *feature_shape)}
-        self.dtype, self.pos = dtype, {"train": 0, "test": 0}
+        self.dtypes = {"train": dtype, "test": dtype}
+        if view_params:
+            for part, params in view_params.items():
+                self.columns[f"{part}_view_params"] = np.asarray(params, np.float32)
+                self.shape[f"{part}_views"] = (len(params), *self.shape[part])
+                self.dtypes[f"{part}_views"] = views_dtype
+        self.feature_shape = tuple(feature_shape)
+        self.pos = {"train": 0, "test": 0} | {(part, v): 0 for part, params in (view_params or {}).items()
+                                              for v in range(len(params))}
 
     def __enter__(self) -> FeatureWriter:
         import h5py
@@ -525,7 +603,9 @@ class FeatureWriter:
         try:
             self.file = h5py.File(self.tmp, "w")
             # One row per chunk: streaming training reads single rows fast; no compression (10x slower reads).
-            self.data = {part: self.file.create_dataset(part, shape, self.dtype, chunks=(1, *shape[1:]))
+            row = self.feature_shape
+            self.data = {part: self.file.create_dataset(part, shape, self.dtypes[part],
+                                                        chunks=(1,) * (len(shape) - len(row)) + row)
                          for part, shape in self.shape.items()}
             for k, v in self.columns.items():
                 self.file[k] = v
@@ -534,17 +614,26 @@ class FeatureWriter:
             raise
         return self
 
-    def append(self, part: str, rows: np.ndarray) -> None:
-        """Write the next batch of rows of `part` ('train' or 'test')."""
-        start = self.pos[part]
-        self.data[part][start:start + len(rows)] = rows
-        self.pos[part] = start + len(rows)
+    def append(self, part: str, rows: np.ndarray, view: int = 0) -> None:
+        """Write the next batch of rows of `part` ('train' or 'test'), of its plain images (view 0: also the first
+        of its views) or of view `view`."""
+        if view == 0:
+            start = self.pos[part]
+            self.data[part][start:start + len(rows)] = rows
+            self.pos[part] = start + len(rows)
+        if (part, view) in self.pos:
+            start = self.pos[part, view]
+            # numpy's rounding to float16, not HDF5's (which differs in the last bit): view 0 then equals
+            # the plain rows cast with astype exactly.
+            self.data[f"{part}_views"][view, start:start + len(rows)] = rows.astype(self.dtypes[f"{part}_views"])
+            self.pos[part, view] = start + len(rows)
 
     def commit(self) -> None:
         """Check every row was written, mark complete, rename into place."""
-        for part, shape in self.shape.items():
-            if self.pos[part] != shape[0]:
-                raise RuntimeError(f"{self.path}: wrote {self.pos[part]} of {shape[0]} {part} rows")
+        for key, count in self.pos.items():  # 'train', 'test', and (part, view) pairs
+            want = self.shape[key if isinstance(key, str) else key[0]][0]
+            if count != want:
+                raise RuntimeError(f"{self.path}: wrote {count} of {want} {key} rows")
         self.file.attrs.update({**self.attrs, "complete": True})
         self.file.close()
         os.replace(self.tmp, self.path)
@@ -620,15 +709,20 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
 
     split, parts, ids = image_parts(data_dir)
     attrs = {**settings.attrs(), **versions()}
+    params = {part: np.stack([view_params(settings.seed, [f"{part}/{Path(p).name}" for p in paths], v)
+                              for v in range(settings.views)]) for part, paths in parts.items()}
     try:
-        with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs) as writer:
-            for part, paths in parts.items():
+        with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs,
+                           params if settings.views > 1 else None, settings.views_dtype) as writer:
+            for view, (part, paths) in itertools.product(range(settings.views), parts.items()):
                 ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
-                                   settings.jpeg_draft, decoder=settings.decoder)
+                                   settings.jpeg_draft, decoder=settings.decoder, params=params[part][view] if view
+                                   else None)
                 if strategy is not None and strategy.num_replicas_in_sync > 1:
                     ds = strategy.experimental_distribute_dataset(ds)
                 batches = iter(ds)
-                for k in progress(range(math.ceil(len(paths) / batch_size)), f"{out_path.stem} {part}"):
+                desc = f"{out_path.stem} {part}" + (f" view {view}" if view else "")
+                for k in progress(range(math.ceil(len(paths) / batch_size)), desc):
                     try:
                         x = next(batches)
                     except tf.errors.OpError as e:
@@ -636,12 +730,14 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
                         bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
                         raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
                                           f"rerun 01_reorganize_data.py, which skips broken files") from e
-                    writer.append(part, step(x).numpy().astype(settings.dtype))
+                    writer.append(part, step(x).numpy().astype(settings.dtype), view)
             writer.commit()  # HDF5 flushes its chunk cache here: a full disk can surface now too
     except OSError as e:  # h5py's write errors carry the errno in their text only
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
             raise
-        need = sum(len(p) for p in parts.values()) * math.prod(shape) * np.dtype(settings.dtype).itemsize
+        need = sum(len(p) for p in parts.values()) * math.prod(shape) * (
+            np.dtype(settings.dtype).itemsize + (settings.views * np.dtype(settings.views_dtype).itemsize
+                                                 if settings.views > 1 else 0))
         raise CatDogError(f"{out_path.parent} is full: {out_path.name} needs about {need / 2**20:,.0f} MiB there; "
                           f"the partial file was removed. Free space and rerun") from e
     return sum(len(p) for p in parts.values())
@@ -666,6 +762,8 @@ class Features:
     test_ids: np.ndarray
     attrs: list[dict]
     paths: list[Path]
+    labelled_views: list[np.ndarray] = dataclasses.field(default_factory=list)  # (V, N, D) each, when loaded
+    test_views: list[np.ndarray] = dataclasses.field(default_factory=list)      # (V, M, D) each
 
     def subset(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
         """(inputs, labels) of split.csv's 'train' or 'valid' rows."""
@@ -676,6 +774,13 @@ class Features:
         """Dog probabilities of the 'labelled' or 'test' rows: the one predict entry point for models fed
         from feature files. Parts not loaded (maps files are too big for RAM) are streamed from the files
         in contiguous slices."""
+        if part.endswith("_views"):  # (V, rows): each view's probabilities
+            views = self.labelled_views if part == "labelled_views" else self.test_views
+            if not views:
+                raise ValueError(f"{part} were not loaded")
+            return np.stack([np.asarray(model.predict(model_inputs([x[v].astype(np.float32) for x in views]),
+                                                      batch_size=batch_size, verbose=0)).ravel()
+                             for v in range(len(views[0]))])
         loaded = {"labelled": self.labelled, "test": self.test}[part]
         if loaded:
             return np.asarray(model.predict(model_inputs(loaded), batch_size=batch_size, verbose=0)).ravel()
@@ -690,12 +795,19 @@ class Features:
 
 
 def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Iterable[str] = ("labelled", "test"),
-                  ) -> Features:
-    """Load feature files and check they line up row by row with split.csv and the test images on disk."""
+                  views: int | None = None) -> Features:
+    """Load feature files and check they line up row by row with split.csv and the test images on disk.
+    `parts` may also name 'labelled_views' and 'test_views': the first `views` views (all without it) of
+    files 02 wrote with --views, checked to be the same transformations in every file."""
     import h5py
+    parts = tuple(parts)
+    view_parts = [p for p in parts if p.endswith("_views")]
+    if view_parts:
+        held = check_views(model_names, data_dir, views)
+        views = views or held
     split = read_split(data_dir)
     test_ids = laid_out_test_ids(data_dir)
-    out, attrs, paths, file_ids = {"labelled": [], "test": []}, [], [], test_ids
+    out, attrs, paths, file_ids = {"labelled": [], "test": [], "labelled_views": [], "test_views": []}, [], [], test_ids
     for name in model_names:
         path = feature_path(data_dir, name)
         state = feature_file_state(path)
@@ -709,11 +821,38 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
         with h5py.File(path, "r") as f:
             file_ids = f["test_ids"][:]  # the rows the file really holds (equal to the disk's, checked above)
             for part in parts:
-                out[part].append(f["train" if part == "labelled" else "test"][:])
+                key = part.replace("labelled", "train")  # the files' dataset names
+                out[part].append(f[key][:views] if part in view_parts else f[key][:])
         attrs.append(state)
         paths.append(path)
     return Features(list(model_names), out["labelled"], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
-                    (split.subset == "valid").to_numpy(), out["test"], file_ids, attrs, paths)
+                    (split.subset == "valid").to_numpy(), out["test"], file_ids, attrs, paths,
+                    out["labelled_views"], out["test_views"])
+
+
+def check_views(model_names: Sequence[str], data_dir: str | Path, views: int | None) -> int:
+    """Refuse feature files without `views` views (at least two when None), or whose views are not the same
+    transformations (another --seed); returns the number of views they hold in common."""
+    import h5py
+    first, held = None, []
+    for name in model_names:
+        path = feature_path(data_dir, name)
+        state = feature_file_state(path) or {}
+        have = int(state.get("views", 1))
+        need = views or 2
+        if have < need:
+            raise CatDogError(f"{path} holds {'no augmented views' if have == 1 else f'{have} views'}"
+                              f" and {need} are needed: rerun 02_extract_features.py --models {name} --views "
+                              f"{max(need, 4 if views is None else need)} (or ask for fewer views)")
+        with h5py.File(path, "r") as f:
+            params = f["train_view_params"][:need], f["test_view_params"][:need]
+        if first is not None and not all(np.array_equal(a, b) for a, b in zip(first[1], params, strict=True)):
+            raise CatDogError(f"{path}'s views are other transformations than {first[0]}'s (extracted with another "
+                              f"--seed): rerun 02_extract_features.py --models {name} --views {have} --seed of "
+                              f"{first[0].stem}")
+        first = first or (path, params)
+        held.append(have)
+    return min(held)
 
 
 # ==================== Heads =========================================================================================
@@ -768,6 +907,31 @@ def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelt
     p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
     p.add_argument("--dropout", type=DROPOUT, default=0.5, help="dropout rate before the Dense layer")
     p.set_defaults(sgd_lr=sgd_lr)
+
+
+def views_arg(p: argparse.ArgumentParser) -> None:
+    """--views for the heads (03, 05, 06): train on feature files' augmented views."""
+    p.add_argument("--views", type=POSITIVE_INT, default=1,
+                   help="1: train on the plain features (the report); V > 1: each epoch each training row is "
+                        "one of the first V views 02 --views wrote, drawn at random (seeded); validation always "
+                        "uses the plain rows, so val_loss compares with the report's")
+
+
+def head_parts(args: argparse.Namespace) -> dict:
+    """load_features' `parts` and `views` for a head trained with `args.views`."""
+    if args.views > 1:
+        return {"parts": ("labelled", "test", "labelled_views"), "views": args.views}
+    return {"parts": ("labelled", "test")}
+
+
+def view_sampler(views: list[np.ndarray], rows: np.ndarray, seed: int) -> Callable[[int], object]:
+    """Epoch -> the training inputs of that epoch: row `rows[i]` of a view drawn for it from (seed, epoch), the
+    same view in every backbone's features (they hold the same transformations). Only one epoch's float32
+    inputs exist at a time beside the float16 views."""
+    def inputs(epoch: int):
+        pick = np.random.default_rng([seed, epoch]).integers(len(views[0]), size=len(rows))
+        return model_inputs([v[pick, rows].astype(np.float32) for v in views])
+    return inputs
 
 
 def resolve_head_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -867,8 +1031,12 @@ def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
                        args.seed)
     (xtr, ytr), (xva, yva) = feats.subset("train"), feats.subset("valid")
     valid = (model_inputs(xva), yva)
+    if args.views > 1:
+        xtr = view_sampler(feats.labelled_views, np.flatnonzero(~feats.valid), args.seed)
+    else:
+        xtr = model_inputs(xtr)
     log_dir = Path(args.model_dir) / LOGS_DIR / step / name
-    hist = fit(model, (model_inputs(xtr), ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
+    hist = fit(model, (xtr, ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
     meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs}
     return model, finish_run(name, model, hist, valid, Path(args.model_dir) / step, args, meta)
 
@@ -992,33 +1160,45 @@ def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> Non
                             f"rerun {rebuild_command(name, trained)}, or retrain the model")
 
 
-def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64) -> np.ndarray:
-    """Dog probabilities of images for a model fine-tuned end to end (04 --mode full), fed as it was trained."""
+def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64, mirror: bool = False
+                   ) -> np.ndarray:
+    """Dog probabilities of images (or of their mirror images) for a model fine-tuned end to end (04 --mode
+    full), fed as it was trained."""
     st = ExtractSettings.of(meta["feature_attrs"][0])
     ds = image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder,
-                       preprocess=get_backbone(st.backbone).preprocess)
+                       preprocess=get_backbone(st.backbone).preprocess,
+                       params=view_params(st.seed, paths, 1) if mirror else None)
     return np.asarray(model.predict(ds, verbose=0)).ravel()
 
 
-def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...]
+def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tuple[str, ...], views: bool = False
                   ) -> tuple[Features, dict]:
     """The rows (labels, files, test ids) and the model's dog probabilities for each of `parts`
-    ('labelled', 'test'): 07's predictions, which 08 compares its export with.
+    ('labelled', 'test'): 07's predictions, which 08 compares its export with. With `views`, also
+    '<part>_views': (V, rows) probabilities of each view, for test-time augmentation.
 
-    Heads read their feature files, after checking they were made the way the model was trained; a split
-    fine-tuned model streams its maps file (too big for RAM); a model fine-tuned end to end (04 --mode full)
-    reads the images themselves.
+    Heads read their feature files, after checking they were made the way the model was trained (and, for
+    views, that they hold some); a split fine-tuned model streams its maps file (too big for RAM); a model
+    fine-tuned end to end (04 --mode full) reads the images themselves, and its views are the image and its mirror.
     """
     if meta.get("kind") == "finetune_full":
         split, paths, ids = image_parts(data_dir)
         feats = Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
                          (split.subset == "valid").to_numpy(), [], ids, [], [])
         images = {"labelled": paths["train"], "test": paths["test"]}
-        return feats, {part: predict_images(model, images[part], meta) for part in parts}
+        probs = {part: predict_images(model, images[part], meta) for part in parts}
+        if views:
+            probs |= {f"{part}_views": np.stack([probs[part], predict_images(model, images[part], meta, mirror=True)])
+                      for part in parts}
+        return feats, probs
     streamed = any(name.endswith("_maps") for name in meta["features"])
-    feats = load_features(meta["features"], data_dir, parts=() if streamed else parts)
+    if streamed and views:
+        raise CatDogError(f"{model_path} reads a maps file, which holds no augmented views: drop --tta, or "
+                          f"fine-tune with 04 --mode full (its test-time views are the mirrored images)")
+    wanted = () if streamed else parts + (tuple(f"{p}_views" for p in parts) if views else ())
+    feats = load_features(meta["features"], data_dir, parts=wanted)
     check_trained_on(model_path, meta, feats)
-    return feats, {part: feats.predict(model, part) for part in parts}
+    return feats, {part: feats.predict(model, part) for part in (wanted or parts)}
 
 
 # ==================== Submission ====================================================================================
