@@ -3,6 +3,7 @@
 Trains on split.csv's train rows, validates on its valid rows. Writes model/single/<Model>.keras (with its
 sidecar <Model>.json), <Model>.history.csv, results.csv (the report's first table: val_loss of each saved
 model), val_loss.png, TensorBoard runs under model/logs/single/<Model>/, and submissions/<Model>.csv.
+--folds K trains K heads instead (see helper.train_kfold): model/single/<Model>_k<K>/ and submissions/<Model>_k<K>.csv.
 """
 
 from pathlib import Path
@@ -17,6 +18,7 @@ def parse_args(argv=None):
                    help="backbones to train on (default: every one with a feature file)")
     helper.head_args(p, epochs=10)
     helper.views_arg(p)
+    helper.kfold_args(p)
     p.add_argument("--predict", action=helper.argparse.BooleanOptionalAction, default=True,
                    help="also write submissions/<Model>.csv")
     p.add_argument("--submissions-dir", default="submissions", help="where the per-model CSVs go")
@@ -41,19 +43,23 @@ def main(args):
             helper.check_views([name], args.data_dir, args.views)
     if args.predict:
         for name in names:
-            helper.check_writable_target(Path(args.submissions_dir) / f"{name}.csv")
+            stem = helper.kfold_name(name, args.folds) if args.folds else name
+            helper.check_writable_target(Path(args.submissions_dir) / f"{stem}.csv")
     out_dir = Path(args.model_dir) / helper.SINGLE_DIR
     results = None
     for name in names:
         feats = helper.load_features([name], args.data_dir, **helper.head_parts(args))
-        model, row = helper.train_head(name, feats, args, helper.SINGLE_DIR)
+        if args.folds:
+            row, test = helper.train_kfold(name, feats, args, helper.SINGLE_DIR)
+        else:
+            model, row = helper.train_head(name, feats, args, helper.SINGLE_DIR)
+            test = feats.predict(model, "test")
         # Each row right after its model is saved, so results.csv always describes the models on disk.
-        results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model",
-                                       show=name == names[-1])
+        results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model"
+                                       + (" (K-fold rows: out-of-fold)" if args.folds else ""), show=name == names[-1])
         if args.predict:
-            helper.write_submission(feats.test_ids, feats.predict(model, "test"),
-                                    Path(args.submissions_dir) / f"{name}.csv", helper.laid_out_test_ids(args.data_dir),
-                                    (args.clip_low, args.clip_high))
+            helper.write_submission(feats.test_ids, test, Path(args.submissions_dir) / f"{row['model']}.csv",
+                                    helper.laid_out_test_ids(args.data_dir), (args.clip_low, args.clip_high))
     return results
 
 

@@ -382,7 +382,7 @@ def train_variant(model, base, block, train, val, args, log_dir: Path, init: str
             continue
         set_block_trainable(model, base, block, phase == "block")  # BatchNorm frozen last, every time
         # A fresh optimizer per phase, as the report's two compile() calls had.
-        model.compile(helper.make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho),
+        model.compile(helper.make_optimizer(args.optimizer, args.lr, args.momentum, args.decay, args.rho),
                       "binary_crossentropy", metrics=["accuracy"])
         log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if phase == "block" else "head only")
                  + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights")

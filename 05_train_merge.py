@@ -3,9 +3,11 @@
 One Input per backbone -> Concatenate -> Dropout(0.5) -> Dense(1, sigmoid), Adadelta, 7 epochs.
 --combos runs the report's comparison: ResNet50+InceptionV3, ResNet50+Xception and all three.
 Writes model/merge/<combo>.keras (with its sidecar), results.csv, val_loss.png and TensorBoard runs under
-model/logs/merge/.
+model/logs/merge/. --folds K trains K heads instead (model/merge/<combo>_k<K>/, see helper.train_kfold);
+--params model/hyperopt/best.json trains with 06's best hyperparameters (e.g. K-fold: the report's final model).
 """
 
+import json
 from pathlib import Path
 
 import helper
@@ -22,13 +24,43 @@ def parse_args(argv=None):
                    help="train the report's three combinations instead (those whose features exist)")
     helper.head_args(p, epochs=7)
     helper.views_arg(p)
+    helper.kfold_args(p)
+    p.add_argument("--params", metavar="JSON",
+                   help="train with 06's best hyperparameters: its best.json (model/hyperopt/best.json) sets the "
+                        "backbones, SGD with its learning rate, decay and momentum, the dropout, the batch size "
+                        "and the epochs of its best epoch")
     args = helper.resolve_head_args(p.parse_args(argv))
-    if not args.combos and len(set(args.models)) < 2:
+    if args.params and args.combos:
+        p.error("--params gives one combination (06's backbones): drop --combos")
+    if not args.combos and not args.params and len(set(args.models)) < 2:
         p.error("--models needs at least two different backbones to merge")
     return args
 
 
+def apply_params(args) -> None:
+    """Replace the head's settings by those of 06's best trial, read from its best.json (`--params`)."""
+    path = Path(args.params)
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CatDogError(f"--params {path}: not a readable JSON file ({type(e).__name__}): give the best.json "
+                          f"06_hyperopt_merge.py wrote (model/hyperopt/best.json)") from e
+    keys = ("features", "lr", "decay", "momentum", "dropout")
+    if not isinstance(best, dict) or best.get("kind") != "hyperopt" or any(k not in best for k in keys):
+        raise CatDogError(f"--params {path}: not a best.json of 06_hyperopt_merge.py (it holds kind 'hyperopt' and "
+                          f"{', '.join(keys)}): give model/hyperopt/best.json")
+    args.models, args.optimizer = list(best["features"]), "sgd"
+    args.lr, args.decay, args.momentum, args.dropout = (float(best[k]) for k in ("lr", "decay", "momentum", "dropout"))
+    args.batch_size = int((best.get("args") or {}).get("batch_size", args.batch_size))
+    args.epochs = int(best.get("best_epoch") or best.get("epochs") or args.epochs)
+    log.info(f"--params {path}: {'+'.join(args.models)}, SGD lr {args.lr:.5f}, decay {args.decay:.5f}, momentum "
+             f"{args.momentum}, dropout {args.dropout}, batch {args.batch_size}, {args.epochs} epochs "
+             f"(06's trial {best.get('trial')}: val_loss {best.get('val_loss')})")
+
+
 def main(args):
+    if args.params:
+        apply_params(args)
     if args.combos:
         have = {n for n in helper.BACKBONES if helper.feature_file_state(helper.feature_path(args.data_dir, n))}
         combos = [c for c in REPORT_COMBOS if set(c) <= have]
@@ -44,9 +76,13 @@ def main(args):
     for combo in combos:
         name = "+".join(combo)
         feats = helper.load_features(combo, args.data_dir, **helper.head_parts(args))
-        _, row = helper.train_head(name, feats, args, helper.MERGE_DIR)
+        if args.folds:
+            row, _ = helper.train_kfold(name, feats, args, helper.MERGE_DIR)
+        else:
+            _, row = helper.train_head(name, feats, args, helper.MERGE_DIR)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
-        results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model",
+        results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model"
+                                       + (" (K-fold rows: out-of-fold)" if args.folds else ""),
                                        show=combo == combos[-1])
     return results
 

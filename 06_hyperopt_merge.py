@@ -232,7 +232,10 @@ def trials_table(trials, space) -> pd.DataFrame:
         params = space_eval(space, vals)["model"]
         rows.append({"trial": t["tid"], **{k: params[k] for k in SPACE},
                      "val_loss": r["eval"]["loss"], "val_acc": r["eval"].get("accuracy", np.nan),
-                     "epochs": len(r["history"]["loss"]["epoch"]), "seconds": r["time"]["duration"]["total"],
+                     "epochs": len(r["history"]["loss"]["epoch"]),
+                     # kopt saves the best epoch's model (save_model='best'): 05 --params retrains that long
+                     "best_epoch": int(np.argmin(r["history"]["loss"]["val_loss"])) + 1,
+                     "seconds": r["time"]["duration"]["total"],
                      "model_path": str(Path(r["path"]["model"]).with_suffix(".keras"))})
     return pd.DataFrame(rows)
 
@@ -251,7 +254,7 @@ def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> p
         helper.write_csv(table.drop(columns="model_path"), out_dir / "trials.csv")
         plot_trials(table, out_dir / "val_loss_by_trial.png")
         sidecar = {"kind": "hyperopt", "features": feats.names, "feature_attrs": feats.attrs, "seed": args.seed,
-                   "trial": int(best.trial), "epochs": int(best.epochs),
+                   "trial": int(best.trial), "epochs": int(best.epochs), "best_epoch": int(best.best_epoch),
                    **{k: float(best[k]) for k in (*SPACE, "val_loss", "val_acc")}, **helper.versions()}
         with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:
             shutil.copyfile(best.model_path, tmp)

@@ -905,6 +905,8 @@ def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelt
     p.add_argument("--rho", type=number(float, 0, 1, low_open=True, high_open=True), default=0.95,
                    help="Adadelta's decay rate rho")
     p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
+    p.add_argument("--decay", type=number(float, 0), default=0.0,
+                   help="SGD's Keras 2 learning-rate decay: lr / (1 + decay * step)")
     p.add_argument("--dropout", type=DROPOUT, default=0.5, help="dropout rate before the Dense layer")
     p.set_defaults(sgd_lr=sgd_lr)
 
@@ -1027,8 +1029,8 @@ def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
     rows and validated on its valid rows, then saved by finish_run under <model-dir>/<step>/ (step: SINGLE_DIR
     or MERGE_DIR, also the sidecar's kind). Returns (model, results row)."""
     dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
-    model = build_head(dims, args.dropout, make_optimizer(args.optimizer, args.lr, args.momentum, rho=args.rho),
-                       args.seed)
+    optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.decay, args.rho)
+    model = build_head(dims, args.dropout, optimizer, args.seed)
     (xtr, ytr), (xva, yva) = feats.subset("train"), feats.subset("valid")
     valid = (model_inputs(xva), yva)
     if args.views > 1:
@@ -1037,7 +1039,8 @@ def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
         xtr = model_inputs(xtr)
     log_dir = Path(args.model_dir) / LOGS_DIR / step / name
     hist = fit(model, (xtr, ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
-    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs}
+    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs,
+            "split_sha256": split_fingerprint(args.data_dir)}
     return model, finish_run(name, model, hist, valid, Path(args.model_dir) / step, args, meta)
 
 
@@ -1199,6 +1202,94 @@ def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tu
     feats = load_features(meta["features"], data_dir, parts=wanted)
     check_trained_on(model_path, meta, feats)
     return feats, {part: feats.predict(model, part) for part in (wanted or parts)}
+
+
+# ==================== K-fold ========================================================================================
+
+KFOLD_SUMMARY, OOF_CSV, TEST_CSV = "kfold.json", "oof.csv", "test.csv"
+
+
+def kfold_args(p: argparse.ArgumentParser) -> None:
+    """--folds, shared by the heads (03, 05)."""
+    p.add_argument("--folds", type=number(int, 2),
+                   help="train one head per fold of a stratified, seeded K-fold over every labelled Kaggle row "
+                        "(train and valid) instead of the report's single split; writes <model>_k<K>/ with the "
+                        "fold models, oof.csv (out-of-fold predictions) and test.csv (the folds' mean)")
+
+
+def kfold_name(name: str, folds: int) -> str:
+    """The results row and folder of a K-fold run: `ResNet50_k5`."""
+    return f"{name}_k{folds}"
+
+
+def split_fingerprint(data_dir: str | Path) -> str:
+    """sha256 of split.csv: models trained on another split (or other rows) are not judged together."""
+    return file_sha256(Path(data_dir) / SPLIT_CSV)
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int, held_out: np.ndarray | None = None) -> np.ndarray:
+    """Each row's fold (0..folds-1): stratified (each class dealt round the folds in a seeded order), the same
+    for every model with the same seed; -1 for rows outside `held_out` (extra data: always trained on)."""
+    labels = np.asarray(labels).astype(int)
+    held_out = np.ones(len(labels), bool) if held_out is None else np.asarray(held_out, bool)
+    fold = np.full(len(labels), -1)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels[held_out]):
+        rows = rng.permutation(np.flatnonzero((labels == c) & held_out))
+        if len(rows) < folds:
+            raise CatDogError(f"--folds {folds} needs at least {folds} labelled images of each class; "
+                              f"{CLASSES[c]} has {len(rows)}: use fewer folds")
+        fold[rows] = np.arange(len(rows)) % folds
+    return fold
+
+
+def kaggle_rows(data_dir: str | Path) -> np.ndarray:
+    """Mask of split.csv's rows from Kaggle's own training set (not 01 --extra-data's), the rows folds hold out."""
+    split = read_split(data_dir)
+    return (split["source"] == "kaggle").to_numpy() if "source" in split else np.ones(len(split), bool)
+
+
+def train_kfold(name: str, feats: Features, args: argparse.Namespace, step: str) -> tuple[dict, np.ndarray]:
+    """03's and 05's --folds: one head per fold, validated on its held-out fold, under
+    <model-dir>/<step>/<name>_k<K>/: fold<k>.keras (+ sidecar, history), oof.csv (filename, label, fold,
+    prediction of the fold's model), test.csv (id, mean of the fold models), kfold.json. Returns the results row
+    (val_loss is the out-of-fold log loss, oof_std its spread over the folds) and the test predictions."""
+    kname = kfold_name(name, args.folds)
+    out_dir = Path(args.model_dir) / step / kname
+    fold = fold_assignment(feats.labels, args.folds, args.seed, kaggle_rows(args.data_dir))
+    (out_dir / KFOLD_SUMMARY).unlink(missing_ok=True)  # until the new one is written, the folder is unfinished
+    dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
+    oof, test, fold_rows = np.full(len(fold), np.nan), np.zeros(len(feats.test_ids)), []
+    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs, "folds": args.folds,
+            "split_sha256": split_fingerprint(args.data_dir)}
+    for k in range(args.folds):
+        held, trained = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        log.info(f"{kname}: fold {k + 1}/{args.folds}: training on {len(trained)} rows, validating on {len(held)}")
+        model = build_head(dims, args.dropout, make_optimizer(args.optimizer, args.lr, args.momentum, args.decay,
+                                                              args.rho), args.seed + k)
+        valid = (model_inputs([x[held] for x in feats.labelled]), feats.labels[held])
+        xtr = (view_sampler(feats.labelled_views, trained, args.seed + k) if args.views > 1
+               else model_inputs([x[trained] for x in feats.labelled]))
+        hist = fit(model, (xtr, feats.labels[trained]), valid, args.epochs,
+                   [tensorboard(Path(args.model_dir) / LOGS_DIR / step / kname / f"fold{k + 1}")], args.batch_size)
+        row = finish_run(f"fold{k + 1}", model, hist, valid, out_dir, args, {**meta, "fold": k + 1})
+        oof[held] = np.asarray(model.predict(valid[0], batch_size=256, verbose=0)).ravel()
+        test += feats.predict(model, "test") / args.folds
+        fold_rows.append(row["val_loss"])
+    rows = fold >= 0
+    oof_table = pd.DataFrame({"filename": feats.files[rows], "label": feats.labels[rows].astype(int),
+                              "fold": fold[rows] + 1, "prediction": oof[rows]})
+    y, p = oof_table.label.to_numpy(float), np.clip(oof_table.prediction.to_numpy(float), 1e-15, 1 - 1e-15)
+    oof_loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    write_csv(oof_table, out_dir / OOF_CSV)
+    write_csv(pd.DataFrame({"id": feats.test_ids, "prediction": test}), out_dir / TEST_CSV)
+    summary = {**meta, "model": kname, "seed": args.seed, "oof_log_loss": oof_loss, "fold_val_loss": fold_rows,
+               "args": vars(args), **versions()}
+    write_json(summary, out_dir / KFOLD_SUMMARY)  # last: a folder without it is an unfinished run
+    log.info(f"{kname}: out-of-fold log loss {oof_loss:.5f} over {len(oof_table)} rows (folds: "
+             + ", ".join(f"{v:.5f}" for v in fold_rows) + f"); wrote {out_dir}/")
+    return {"model": kname, "val_loss": oof_loss, "oof_log_loss": oof_loss, "oof_std": float(np.std(fold_rows)),
+            "folds": args.folds, "epochs": args.epochs, "seed": args.seed}, test
 
 
 # ==================== Submission ====================================================================================
