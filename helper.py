@@ -1514,5 +1514,6 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, metric: st
                        label=f"{name}: {phase} from epoch {switch}")
     ax.set(xlabel="epoch", ylabel=metric, title=title + ("  (*: saved epoch)" if marks else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # K-fold rows have no single curve
+        ax.legend()
     save_figure(fig, path)
