@@ -4,22 +4,33 @@ PY ?= python
 DEMO := demo
 D := --data-dir $(DEMO)/data --model-dir $(DEMO)/model
 HEAD := --batch-size 16
+# Heads trained on augmented views (beyond the report) go to a model dir of their own.
+V := --data-dir $(DEMO)/data --model-dir $(DEMO)/model_views
 
 .PHONY: demo test lint clean-demo
 demo:
 	$(PY) 01_reorganize_data.py $(D) --demo 50
-	$(PY) 02_extract_features.py $(D) --weights none --image-size 75 --models ResNet50 InceptionV3 Xception
+	$(PY) 02_extract_features.py $(D) --weights none --image-size 75 --models ResNet50 InceptionV3 Xception --views 4
 	$(PY) 03_train_single.py $(D) $(HEAD) --submissions-dir $(DEMO)/submissions
 	$(PY) 04_finetune_split.py $(D) --weights none --image-size 75 $(HEAD) --init all --epochs 10
 	$(PY) 05_train_merge.py $(D) $(HEAD) --combos
+	$(PY) 05_train_merge.py $(V) $(HEAD) --views 4 --epochs 14
+	$(PY) 07_predict_submit.py $(V) --model $(DEMO)/model_views/merge/ResNet50+InceptionV3+Xception.keras --tta \
+		--output $(DEMO)/submissions/tta.csv --analyze
 	$(PY) 06_hyperopt_merge.py $(D) $(HEAD) --max-evals 3 --epochs 20
+	$(PY) 03_train_single.py $(D) $(HEAD) --folds 3 --no-predict
+	$(PY) 05_train_merge.py $(D) $(HEAD) --folds 3 --params $(DEMO)/model/hyperopt/best.json
 	$(PY) 08_export_model.py $(D)
 	$(PY) 07_predict_submit.py $(D) --output $(DEMO)/submissions/submission.csv --analyze
+	$(PY) 07_predict_submit.py $(D) --output $(DEMO)/submissions/blend.csv --blend auto --calibrate temperature \
+		--clip auto --analyze
 	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
 		--model $(DEMO)/model/export/catdog.keras --cam $(DEMO)/cam
 	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
 		--model $(DEMO)/model/export/catdog.tflite --json
-	@echo "demo done: $(DEMO)/submissions/submission.csv, Grad-CAM overlays in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/"
+	@echo "demo done: $(DEMO)/submissions/submission.csv (the report's path), blend.csv (+ blend.json: 3-fold heads"
+	@echo "blended, calibrated, clipped), tta.csv; suspects in $(DEMO)/model/analysis/suspects.txt; Grad-CAM overlays"
+	@echo "in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/"
 
 test:
 	$(PY) -m pytest -q
