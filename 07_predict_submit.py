@@ -90,7 +90,7 @@ def analyze(probs: np.ndarray, feats: helper.Features, data_dir: Path, out_dir: 
     for ax, r in zip(axes.ravel(), df.head(top).itertuples(), strict=False):  # grid may have spare cells
         with Image.open(data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename) as im:
             ax.imshow(im.convert("RGB"))
-        ax.set_title(f"{CLASSES[r.label]}_{helper.parse_train_name(r.filename)[1]}_{r.prediction:.4f}", fontsize=9)
+        ax.set_title(f"{CLASSES[r.label]}_{helper.train_image_id(r.filename)}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, out_dir / "worst.png")
     yv, pv = feats.labels[feats.valid], probs[feats.valid]
     log.info(f"val log loss: {log_loss(yv, pv):.5f} raw, {log_loss(yv, pv, clip):.5f} clipped to {clip}")
