@@ -4,9 +4,10 @@ data/train, data/test (or train.zip, test.zip) are read, never changed. Output:
   data/train2/{cat,dog}/                 every usable labelled image (feature extraction)
   data/splitted/{train,valid}/{cat,dog}/ the seeded, stratified split (augmentation, fine-tuning)
   data/test2/test/                       the test images
-  data/split.csv                         filename,label,subset: the one split every step uses
+  data/split.csv                         filename,label,subset,source: the one split every step uses
   data/eda/                              image-size statistics and plots
 Entries are symbolic links unless --copy. A rerun with the same settings changes nothing.
+--extra-data DIR adds the Oxford-IIIT Pet images to the training rows (never to valid), beside Kaggle's split.
 --demo N first writes a generated dataset in Kaggle's layout, to try the pipeline without Kaggle's data.
 --download first fetches train.zip and test.zip from Kaggle (needs API credentials), unless already there.
 """
@@ -15,9 +16,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,14 +42,26 @@ CHECK_COLUMNS = {"folder": str, "name": str, "bytes": "int64", "mtime_ns": "int6
 NO_FACTS = {column: "" if kind is str else 0 for column, kind in CHECK_COLUMNS.items()}
 DERIVED = (helper.TRAIN2, helper.SPLITTED, str(helper.TEST2.parent))
 DEMO_MARKER = ".demo.json"
+EXTRA = "oxford-pets"  # split.csv's source, and the folder key in the check cache, of --extra-data's images
+EXTRA_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
+# Oxford-IIIT Pet's names: Breed_N.jpg, cat breeds capitalised (Abyssinian_1.jpg), dog breeds not
+# (yorkshire_terrier_5.jpg). Never Kaggle's cat.N.jpg, so the two sources share train2/ without a clash.
+EXTRA_NAME = re.compile(r"^([A-Za-z]+(?:_[A-Za-z]+)*)_(\d+)\.jpg$")
+# Entries of --extra-data's folder that are images at all; the rest (the dataset's .mat files) is skipped quietly.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+NAME_PATTERNS = {"train": "Kaggle's pattern cat.N.jpg / dog.N.jpg", "test": "Kaggle's pattern N.jpg",
+                 EXTRA: "Oxford-IIIT Pet's pattern Breed_N.jpg"}
 
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
     p.add_argument("--valid-frac", type=helper.number(float, 0, 1, low_open=True, high_open=True), default=0.2,
                    help="share of each class held out for validation")
-    p.add_argument("--exclude", metavar="FILE", help="training images to leave out, one name per line "
-                   "(data/exclude_report.txt lists the report's mislabeled and non-pet images)")
+    p.add_argument("--exclude", metavar="FILE", help="training images to leave out, one name per line, as "
+                   "split.csv names them (data/exclude_report.txt lists the report's mislabeled and non-pet images)")
+    p.add_argument("--extra-data", metavar="DIR",
+                   help=f"also train on the Oxford-IIIT Pet images (images.tar.gz of {EXTRA_URL}): DIR is the "
+                        "unpacked dataset or its images/ folder; they join the train subset only, never valid")
     p.add_argument("--copy", action="store_true", help="copy files instead of symbolic links")
     p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
                    help="first generate a demo dataset of N images per class")
@@ -117,6 +132,13 @@ def check_image(path: str | Path) -> dict:
             notes.append(f"mode {info['mode']}")
         info["note"] = ", ".join(notes) + (", decoded as RGB" if notes else "")
     return info
+
+
+def parse_extra_name(name: str) -> tuple[int, str, int] | None:
+    """`Abyssinian_12.jpg` -> (0, 'Abyssinian', 12), `yorkshire_terrier_5.jpg` -> (1, 'yorkshire_terrier', 5);
+    None if not an Oxford-IIIT Pet name. The case of the first letter is the dataset's own cat/dog marker."""
+    m = EXTRA_NAME.match(name)
+    return (0 if name[0].isupper() else 1, m.group(1), int(m.group(2))) if m else None
 
 
 def read_name_list(path: str | Path) -> list[str]:
@@ -326,6 +348,34 @@ def ensure_folder(data: Path, sub: str) -> Path:
     return folder
 
 
+def extra_folder(given: str, data: Path) -> Path:
+    """--extra-data's images folder: DIR/images/ of the unpacked dataset, or DIR itself."""
+    root = Path(given)
+    if not root.is_dir():
+        raise CatDogError(f"--extra-data {root}: no such folder; give the unpacked Oxford-IIIT Pet dataset "
+                          f"(images.tar.gz of {EXTRA_URL}) or its images/ folder")
+    folder = root / "images" if (root / "images").is_dir() else root
+    inside = [top for top in DERIVED if folder.resolve().is_relative_to((data / top).resolve())]
+    if inside:  # 01 replaces those folders, and the links in them would point at themselves
+        raise CatDogError(f"--extra-data {root}: {folder}/ lies inside {data / inside[0]}/, which this step "
+                          f"rebuilds: give the unpacked Oxford-IIIT Pet dataset's own images/ folder")
+    return folder
+
+
+def extra_images(checks: pd.DataFrame, folder: Path, given: str) -> tuple[pd.DataFrame, Counter]:
+    """The image entries of --extra-data's folder, and how many others there were of each suffix.
+
+    The dataset's images/ folder also holds a few .mat files: those are no images and are only counted.
+    """
+    is_image = np.array([Path(n).suffix.lower() in IMAGE_SUFFIXES for n in checks.name], dtype=bool)
+    others = Counter(Path(n).suffix.lower() or "(no suffix)" for n in checks.name[~is_image])
+    if not any(parse_extra_name(n) for n in checks.name):
+        raise CatDogError(f"--extra-data {given}: {folder}/ holds no Oxford-IIIT Pet images (named like "
+                          f"Abyssinian_1.jpg or yorkshire_terrier_5.jpg): give the unpacked dataset (images.tar.gz "
+                          f"of {EXTRA_URL}), which holds images/, or that images/ folder")
+    return checks[is_image].reset_index(drop=True), others
+
+
 def remove_stale_temps(data: Path, pattern: str) -> None:
     """Remove temp folders (named by helper.temp_name: `.<name>.<pid>.<n>.partial`) left by runs that are no
     longer alive (killed, or the machine restarted); those of a running process are its own business."""
@@ -374,20 +424,22 @@ def read_check_cache(path: Path) -> pd.DataFrame:
     return cache
 
 
-def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int) -> pd.DataFrame:
+def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int, key: str | None = None) -> pd.DataFrame:
     """One row per entry of `folder`: name, size on disk, image header facts and the problem, if any.
 
-    Images whose size and mtime match the cache are not decoded again, so reruns are quick.
+    Images whose size and mtime match the cache are not decoded again, so reruns are quick. `key` (default:
+    the folder's name) files them in the cache and names them in messages.
     """
+    key = key or folder.name
     cached = {(r.name, r.bytes, r.mtime_ns): r._asdict()
-              for r in cache[cache.folder == folder.name].itertuples(index=False)}
+              for r in cache[cache.folder == key].itertuples(index=False)}
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         raise CatDogError(f"cannot list {folder}/ ({e.strerror}): check that it is a readable folder") from e
 
     def check(entry) -> dict:
-        row = {**NO_FACTS, "folder": folder.name, "name": entry.name}
+        row = {**NO_FACTS, "folder": key, "name": entry.name}
         try:
             if not entry.is_file():
                 return {**row, "problem": "not a regular file"}
@@ -399,12 +451,11 @@ def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int) -> pd.D
         if hit is not None:
             return hit
         if parse(entry.name) is None:
-            return {**row, "problem": "name does not match Kaggle's pattern "
-                                      + ("cat.N.jpg / dog.N.jpg" if folder.name == "train" else "N.jpg")}
+            return {**row, "problem": f"name does not match {NAME_PATTERNS[key]}"}
         return {**row, **check_image(entry.path)}
 
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {folder.name}/",
+        rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {key}/",
                          unit="img", disable=len(entries) < 500))
     return pd.DataFrame(rows, columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
 
@@ -425,22 +476,25 @@ def refuse_duplicate_ids(folder: Path, names, parse, fix: str) -> None:
             raise CatDogError(f"{folder / other} and {folder / name} have the same image id: {fix}")
 
 
-def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path],
-                  exclude: str | None) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
-    """The training and test images to use, and the names --exclude removed; refuses what cannot train."""
-    train_ok = checks["train"][checks["train"].problem == ""]
-    test_ok = checks["test"][checks["test"].problem == ""]
-    if train_ok.empty or test_ok.empty:
-        which = folders["train"] if train_ok.empty else folders["test"]
-        raise CatDogError(f"no usable images in {which}/ (see the messages above)")
+def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path], exclude: str | None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, set[str]]:
+    """The Kaggle training, Kaggle test and --extra-data images to use (the last empty without extra data),
+    and the names --exclude removed; refuses what cannot train."""
+    usable = {key: c[c.problem == ""] for key, c in checks.items()}
+    for key in usable:
+        if usable[key].empty:
+            raise CatDogError(f"no usable images in {folders[key]}/ (see the messages above)")
+    train_ok, test_ok = usable["train"], usable["test"]
+    extra_ok = usable.get(EXTRA, train_ok.iloc[:0])
     excluded = set()
     if exclude:
         wanted = set(read_name_list(exclude))
-        excluded = wanted & set(train_ok.name)
+        excluded = wanted & (set(train_ok.name) | set(extra_ok.name))
         for name in sorted(wanted - excluded):
             log.warning(f"--exclude {exclude}: {name} is not among the usable training images")
     labels_before = {helper.parse_train_name(n)[0] for n in train_ok.name}
     train_ok = train_ok[~train_ok.name.isin(excluded)]
+    extra_ok = extra_ok[~extra_ok.name.isin(excluded)]
     labels = {helper.parse_train_name(n)[0] for n in train_ok.name}
     for label, cls in enumerate(CLASSES):
         if label not in labels:
@@ -450,7 +504,7 @@ def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path],
     refuse_duplicate_ids(folders["train"], train_ok.name, helper.parse_train_name,
                          "remove or rename one of them, or leave one out with --exclude")
     refuse_duplicate_ids(folders["test"], test_ok.name, helper.parse_test_name, "remove or rename one of them")
-    return train_ok, test_ok, excluded
+    return train_ok, test_ok, extra_ok, excluded
 
 
 def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataFrame:
@@ -475,13 +529,27 @@ def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataF
     return split
 
 
+def add_extra_rows(split: pd.DataFrame, extra_ok: pd.DataFrame) -> pd.DataFrame:
+    """split.csv's rows: Kaggle's split, made as without extra data, then the extra images in label, breed and
+    number order, all in 'train': valid stays Kaggle's, so val_loss compares with the report's."""
+    split = split.assign(source=helper.SOURCES[0])
+    if extra_ok.empty:
+        return split
+    names = sorted(extra_ok.name, key=lambda n: (parse_extra_name(n), n))
+    extra = pd.DataFrame({"filename": names, "label": [parse_extra_name(n)[0] for n in names],
+                          "subset": "train", "source": EXTRA})
+    return pd.concat([split, extra], ignore_index=True)
+
+
 # ----------------------------------------------------------------------------- layout
 
-def planned_entries(data: Path, split: pd.DataFrame, test_names: list[str]) -> dict[str, Path]:
-    """Every derived entry (relative path under data/) -> the original it stands for."""
+def planned_entries(data: Path, split: pd.DataFrame, test_names: list[str],
+                    extra: Path | None = None) -> dict[str, Path]:
+    """Every derived entry (relative path under data/) -> the original it stands for (`extra`: the folder of
+    split.csv's oxford-pets rows)."""
     plan = {}
-    for name, label, subset in split.itertuples(index=False):
-        src = data / "train" / name
+    for name, label, subset, source in split.itertuples(index=False):
+        src = (extra if source == EXTRA else data / "train") / name
         plan[f"{helper.TRAIN2}/{CLASSES[label]}/{name}"] = src
         plan[f"{helper.SPLITTED}/{subset}/{CLASSES[label]}/{name}"] = src
     for name in test_names:
@@ -511,8 +579,11 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             if copy:
                 shutil.copy2(src, dst)
-            else:  # relative to the final place, so the data folder can move as a whole
+            elif Path(os.path.abspath(src)).is_relative_to(os.path.abspath(data)):
+                # relative to the final place, so the data folder can move as a whole
                 os.symlink(os.path.relpath(src, (data / rel).parent), dst)
+            else:  # --extra-data outside data/: stays where it is when data/ moves
+                os.symlink(os.path.abspath(src), dst)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # gives the space back; the originals are untouched
         if e.errno == errno.ENOSPC:
@@ -569,30 +640,43 @@ def report_problems(checks: pd.DataFrame) -> None:
 
 def main(args):
     data = Path(args.data_dir)
+    extra = extra_folder(args.extra_data, data) if args.extra_data else None  # before any download
     if args.download:
         download(data)
     if args.demo:
         make_demo_dataset(data, args.demo, args.seed)
     folders = {sub: ensure_folder(data, sub) for sub in ("train", "test")}
+    if extra:
+        folders[EXTRA] = extra
+    parsers = {"train": helper.parse_train_name, "test": helper.parse_test_name, EXTRA: parse_extra_name}
 
     cache_path = data / CHECK_CACHE
     cache = read_check_cache(cache_path)
-    checks = {sub: check_folder(folders[sub], parse, cache, args.workers)
-              for sub, parse in (("train", helper.parse_train_name), ("test", helper.parse_test_name))}
+    checks = {key: check_folder(folder, parsers[key], cache, args.workers, key) for key, folder in folders.items()}
+    others = Counter()
+    if args.extra_data:
+        checks[EXTRA], others = extra_images(checks[EXTRA], folders[EXTRA], args.extra_data)
     table = pd.concat(checks.values(), ignore_index=True)
     if not holds(cache_path, table):  # left alone otherwise, so a rerun changes nothing on disk
         helper.write_csv(table, cache_path)
     report_problems(table)
 
-    train_ok, test_ok, excluded = usable_images(checks, folders, args.exclude)
-    split = make_split(train_ok, args.valid_frac, args.seed)
+    train_ok, test_ok, extra_ok, excluded = usable_images(checks, folders, args.exclude)
+    # Kaggle's rows are split exactly as without --extra-data; the extra ones only add training rows.
+    split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed), extra_ok)
     test_names = sorted(test_ok.name, key=helper.parse_test_name)
+    is_extra = (split.source == EXTRA).to_numpy()
+    extra_meta = None
+    if args.extra_data:  # the resolved folder: another copy of the dataset is another layout (link targets)
+        extra_meta = {"dir": str(folders[EXTRA].resolve()), "source": EXTRA,
+                      **{cls: int((split.label[is_extra] == lab).sum()) for lab, cls in enumerate(CLASSES)}}
 
     meta = {"seed": args.seed, "valid_frac": args.valid_frac, "copy": args.copy, "excluded": sorted(excluded),
+            "extra_data": extra_meta,
             "split_sha256": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
     meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
-    plan = planned_entries(data, split, test_names)
+    plan = planned_entries(data, split, test_names, folders.get(EXTRA))
     old_meta = read_json(meta_path)
     if (old_meta == meta and split_path.is_file() and sha256(split_path) == meta["split_sha256"]
             and layout_matches(data, plan, args.copy)):
@@ -607,10 +691,17 @@ def main(args):
 
     counts = split.groupby(["subset", "label"]).size()
     n_bad = {sub: int((c.problem != "").sum()) for sub, c in checks.items()}
-    log.info(f"labelled: {len(split)} used (cat {int((split.label == 0).sum())}, dog {int(split.label.sum())}), "
+    kaggle = split[~is_extra]
+    log.info(f"labelled: {len(kaggle)} used (cat {int((kaggle.label == 0).sum())}, dog {int(kaggle.label.sum())}), "
              f"{n_bad['train']} skipped, {len(excluded)} excluded")
+    if extra_meta:
+        ignored = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
+        log.info(f"extra: {int(is_extra.sum())} {EXTRA} images from {folders[EXTRA]}/ added to train (cat "
+                 f"{extra_meta['cat']}, dog {extra_meta['dog']}), {n_bad[EXTRA]} skipped"
+                 + (f"; not images, ignored: {ignored}" if ignored else ""))
     for subset in ("train", "valid"):
-        log.info(f"  {subset}: cat {counts.get((subset, 0), 0)}, dog {counts.get((subset, 1), 0)}")
+        log.info(f"  {subset}: cat {counts.get((subset, 0), 0)}, dog {counts.get((subset, 1), 0)}"
+                 + (" (with the extra images)" if subset == "train" and is_extra.any() else ""))
     log.info(f"test: {len(test_names)} used, {n_bad['test']} skipped; split seed {args.seed}, "
              f"valid fraction {args.valid_frac}")
     return {"split": split, "test_names": test_names, "checks": checks, "excluded": excluded}

@@ -290,7 +290,7 @@ def image_grid(rows: pd.DataFrame, data_dir: Path, path: Path, top: int) -> None
     for ax, r in zip(axes.ravel(), rows.head(top).itertuples(), strict=False):  # grid may have spare cells
         with Image.open(data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename) as im:
             ax.imshow(im.convert("RGB"))
-        ax.set_title(f"{CLASSES[r.label]}_{Path(r.filename).stem.split('.')[-1]}_{r.prediction:.4f}", fontsize=9)
+        ax.set_title(f"{CLASSES[r.label]}_{helper.train_image_id(r.filename)}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, path)
 
 

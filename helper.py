@@ -207,16 +207,38 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def train_image_id(name: str) -> str:
+    """What names a labelled image in titles: Kaggle's id (`cat.123.jpg` -> '123'), else the file name's stem
+    (an image of 01 --extra-data, `Abyssinian_1.jpg` -> 'Abyssinian_1')."""
+    parsed = parse_train_name(name)
+    return str(parsed[1]) if parsed else Path(name).stem
+
+
 # ==================== Splitting =====================================================================================
 
+SPLIT_COLUMNS = ("filename", "label", "subset", "source")
+# Where a labelled image comes from: Kaggle's train/, or the Oxford-IIIT Pet images of 01 --extra-data.
+SOURCES = ("kaggle", "oxford-pets")
+
+
 def read_split(data_dir: str | Path) -> pd.DataFrame:
-    """split.csv (filename, label, subset): the one split every step trains and validates on."""
+    """split.csv (filename, label, subset, source): the one split every step trains and validates on.
+
+    A split.csv of an older 01, without `source`, holds Kaggle's images only and reads as such.
+    """
     path = Path(data_dir) / SPLIT_CSV
     if not path.is_file():
         raise CatDogError(f"{path} not found: run 01_reorganize_data.py first")
-    df = pd.read_csv(path, dtype={"filename": str, "label": int, "subset": str})
-    if list(df.columns) != ["filename", "label", "subset"] or df.empty:
-        raise CatDogError(f"{path} is not a split file made by 01_reorganize_data.py: rerun it")
+    garbage = CatDogError(f"{path} is not a split file made by 01_reorganize_data.py: rerun it")
+    try:
+        df = pd.read_csv(path, dtype={"filename": str, "label": int, "subset": str, "source": str})
+    except ValueError:  # empty, not UTF-8, or text where a label belongs
+        raise garbage from None
+    if tuple(df.columns) == SPLIT_COLUMNS[:3]:
+        df["source"] = SOURCES[0]
+    if (tuple(df.columns) != SPLIT_COLUMNS or df.empty or not df.label.isin(range(len(CLASSES))).all()
+            or not df.subset.isin(("train", "valid")).all() or not df.source.isin(SOURCES).all()):
+        raise garbage
     return df
 
 
