@@ -264,6 +264,16 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
     sub = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "sub.csv")
     assert len(sub) == 15 and sub.label.between(*helper.CLIP).all()
+    # --tta: the mean of each image's and its mirror's predictions, computed here directly.
+    tta = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
+              "--output", tmp_path / "tta.csv", "--tta")
+    from PIL import Image
+    _, paths = helper.test_images(pipeline["data"])
+    bb = helper.get_backbone("ResNet50")
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((48, 48), Image.Resampling.BILINEAR),
+                                  np.float32) for p in paths])
+    both = [model.predict(bb.preprocess(x), verbose=0).ravel() for x in (pixels, pixels[:, :, ::-1])]
+    np.testing.assert_allclose(tta.label, np.clip(np.mean(both, axis=0), *helper.CLIP), atol=1e-5)
 
 
 def test_augmentation_changes_training_images_only_and_differs_by_epoch(pipeline):
