@@ -862,10 +862,10 @@ def fit(model, train, valid, epochs: int, callbacks: Sequence, batch_size: int |
     return df
 
 
-# Keras's fit on arrays spends most of a head's epoch on per-step overhead (one tf.data batch and one function
-# call per step: 0.78 s an epoch on the report's merged head where one full-batch pass takes 0.23 s). fit_arrays
-# runs a whole epoch in one tf.function instead, with the same steps in the same order, so every result stays
-# Keras's own (tests/test_heads.py compares both; benchmarks/heads_bench.md has the figures).
+# Keras's fit on arrays spends much of a head's epoch on per-step overhead: a tf.data batch and a Python call per
+# step, 125 steps an epoch for the report's merged head. fit_arrays runs a whole epoch in one tf.function call
+# instead, with the same steps in the same order, so every result stays Keras's own (tests/test_heads.py compares
+# them) in about half the time (benchmarks/heads_bench.md).
 
 def fit_arrays(model, x, y, *, batch_size: int | None = None, epochs: int = 1, verbose="auto",
                callbacks: Sequence | None = None, validation_data=None, shuffle: bool = True, initial_epoch: int = 0,

@@ -6,9 +6,10 @@ Not a test: it prints tables and writes them to a markdown file.
    report's split of 20,000), batch 128, trained by Keras's default fit (model.fit on the arrays) and by
    helper.fit_arrays (what 03, 05 and 06 use), each from the same seed, taking turns (--rounds), with Adadelta
    (03/05's) and SGD with decay (06's). Seconds per epoch are epoch begin -> epoch end (validation included),
-   the median over every epoch but the first (which traces the functions; shown apart). The max abs diffs
-   compare every run's history (loss and val_loss) and final weights with the first Keras run's (0: the same
-   bits).
+   the median over every epoch but the first (which traces the functions; shown apart); CPU s/epoch counts
+   this process's CPU time (every thread's) over the same spans, less sensitive than wall time to other load
+   on the machine. The max abs diffs compare every run's history (loss and val_loss) and final weights with
+   the first Keras run's (0: the same bits).
 2. 06's trials per minute: 06_hyperopt_merge.py's main() on the same features (written as 02 writes them, with a
    split.csv), --trials trials of --trial-epochs epochs each (patience = epochs, so every trial runs them all),
    once with Keras's fit (06's heads without their `fit` attribute) and once as 06 runs them, on the same
@@ -64,17 +65,19 @@ def epoch_timer():
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
-        """Seconds from each epoch's begin to its end, validation included."""
+        """Wall and CPU (this process, all threads) seconds from each epoch's begin to its end, validation
+        included."""
 
         def __init__(self):
             super().__init__()
-            self.seconds = []
+            self.seconds, self.cpu = [], []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.cpu_start)
 
     return EpochTimer()
 
@@ -91,7 +94,7 @@ def train_once(trainer: str, optimizer: str, feats: helper.Features, args) -> di
     start = time.perf_counter()
     hist = fit(xtr, ytr, batch_size=args.batch_size, epochs=args.epochs, validation_data=valid, verbose=0,
                callbacks=[timer])
-    return {"seconds": timer.seconds, "wall": time.perf_counter() - start, "history": hist.history,
+    return {"seconds": timer.seconds, "cpu": timer.cpu, "wall": time.perf_counter() - start, "history": hist.history,
             "weights": [w.numpy() for w in model.weights]}
 
 
@@ -110,11 +113,13 @@ def per_epoch(feats: helper.Features, args) -> pd.DataFrame:
         wdiff = max(float(np.max(np.abs(a - b))) for run in runs["keras"] + runs["fast"]
                     for a, b in zip(ref["weights"], run["weights"], strict=True))
         median = {t: statistics.median(s for run in runs[t] for s in run["seconds"][1:]) for t in runs}
+        cpu = {t: statistics.median(s for run in runs[t] for s in run["cpu"][1:]) for t in runs}
         for trainer, name in (("keras", "Keras fit (default)"), ("fast", "helper.fit_arrays")):
             rows.append({"optimizer": optimizer, "trainer": name, "s/epoch (median)": median[trainer],
+                         "CPU s/epoch (median)": cpu[trainer],
                          "first epoch s": statistics.median(run["seconds"][0] for run in runs[trainer]),
                          "fit s": statistics.median(run["wall"] for run in runs[trainer]),
-                         "speed-up": median["keras"] / median[trainer],
+                         "speed-up": median["keras"] / median[trainer], "CPU speed-up": cpu["keras"] / cpu[trainer],
                          "max abs loss diff": diff, "max abs weight diff": wdiff})
     return pd.DataFrame(rows)
 
@@ -188,7 +193,10 @@ def main(args):
         f"({time.perf_counter() - start:.0f} s wall)",
         f"- **Machine:** {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), devices: "
         f"{devices}; Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}",
-        f"- **Load average** (1 min) at the start {load[0]:.2f}, at the end {os.getloadavg()[0]:.2f}",
+        f"- **Load average** (1 min) at the start {load[0]:.2f}, at the end {os.getloadavg()[0]:.2f}. Other load "
+        f"on the machine slows Keras's fit more (one Python call and one tf.data batch per step) than fit_arrays "
+        f"(one call per epoch): the runs take turns so that both see it alike, and CPU s/epoch counts work, not "
+        f"waiting.",
         "", f"## Seconds per epoch ({args.rows} rows, batch {args.batch_size}, {args.epochs} epochs, "
             f"{args.rounds} round(s))", "", markdown(epochs), ""]
     if trials is not None:
