@@ -881,20 +881,22 @@ def fit_arrays(model, x, y, *, batch_size: int | None = None, epochs: int = 1, v
     import tensorflow as tf
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
-    xs = None if callable(x) else _as_tensors(x)
     y = _as_tensor(y)
     n, batch_size = len(y), batch_size or 32  # 32: Keras's default
     if n == 0:
         raise CatDogError("fit_arrays: no training rows")
+    xs = None if callable(x) else _check_rows(_as_tensors(x), n, "training inputs")
     steps = math.ceil(n / batch_size)
-    # Keras draws each epoch's order in a dataset of row numbers built like this one: iterating it per epoch
-    # gives the same rows in the same batches as Keras's fit on these arrays (same seed, same order).
+    # Keras's fit draws each epoch's order in a dataset of row numbers built like this one (by its ArrayDataAdapter,
+    # a Keras internal): iterating it per epoch gives the same rows in the same batches as Keras's fit on these
+    # arrays. tests/test_heads.py fails if a Keras upgrade changes that.
     order = ArrayDataAdapter(np.arange(n), batch_size=batch_size, shuffle=shuffle).get_tf_dataset()
     train_epoch = tf.function(functools.partial(_run_batches, model.train_step, n, batch_size),
                               jit_compile=model.jit_compile, autograph=False)
     if validation_data is not None:
         xv, yv = validation_data
-        xv, yv = _as_tensors(xv), _as_tensor(yv)
+        yv = _as_tensor(yv)
+        xv = _check_rows(_as_tensors(xv), len(yv), "validation inputs")
         valid_size = validation_batch_size or batch_size
         valid_epoch = tf.function(functools.partial(_run_batches, model.test_step, len(yv), valid_size),
                                   jit_compile=model.jit_compile, autograph=False)
@@ -909,12 +911,12 @@ def fit_arrays(model, x, y, *, batch_size: int | None = None, epochs: int = 1, v
         callbacks.on_epoch_begin(epoch)
         if callable(x):
             xs = None  # the last epoch's inputs go before this one's are made
-            xs = _as_tensors(x(epoch))
+            xs = _check_rows(_as_tensors(x(epoch)), n, f"training inputs of epoch {epoch}")
             shapes = shapes or [a.shape for a in xs]
-            if [a.shape for a in xs] != shapes or any(len(a) != n for a in xs):
+            if [a.shape for a in xs] != shapes:
                 raise CatDogError(f"fit_arrays: the training inputs of epoch {epoch} have shapes "
-                                  f"{[tuple(a.shape) for a in xs]}: every epoch needs one row per label ({n}) and "
-                                  f"the shapes of the first epoch's inputs {[tuple(s) for s in shapes]}")
+                                  f"{[tuple(a.shape) for a in xs]}, not those of the first epoch's "
+                                  f"{[tuple(s) for s in shapes]}: every epoch needs the same shapes")
         if epoch == initial_epoch:
             _build_for_training(model, xs, y)
         callbacks.on_train_batch_begin(0)
@@ -986,6 +988,14 @@ def _as_tensor(a):
 def _as_tensors(x) -> tuple:
     """A model's inputs (an array or a list of arrays) as a tuple of tensors."""
     return tuple(_as_tensor(a) for a in (x if isinstance(x, (list, tuple)) else [x]))
+
+
+def _check_rows(xs: tuple, n: int, what: str) -> tuple:
+    """`xs`, refused unless each has one row per label (Keras's fit would say 'Data cardinality is ambiguous')."""
+    if any(len(a) != n for a in xs):
+        raise CatDogError(f"fit_arrays: the {what} have shapes {[tuple(a.shape) for a in xs]}: each needs one row "
+                          f"per label ({n})")
+    return xs
 
 
 def _build_for_training(model, xs: tuple, y) -> None:

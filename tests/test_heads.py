@@ -267,15 +267,21 @@ def test_fit_arrays_takes_each_epochs_inputs_from_a_callable():
     called = trained("fast", dims, "sgd", inputs, y, (xv, yv), epochs=5, initial_epoch=1)
     assert asked == [1, 2, 3, 4]  # Keras's epoch numbers, 0-based
     assert_same_training(arrays, called, atol=0)
+    # helper.fit, which the steps call, takes the callable in place of the arrays.
+    df = helper.fit(head(dims, "sgd"), (lambda e: x, y), (xv, yv), 5, [], batch_size=16, initial_epoch=1)
+    assert df.epoch.tolist() == [2, 3, 4, 5] and df.loss.tolist() == arrays[0].history["loss"]
     # The inputs are used: a view that changes from epoch 3 on changes the loss from epoch 3 on.
     shifted = trained("fast", dims, "sgd", lambda e: [a + (e >= 3) for a in x], y, (xv, yv), epochs=5)
     plain = trained("fast", dims, "sgd", x, y, (xv, yv), epochs=5)
     assert shifted[0].history["loss"][:3] == plain[0].history["loss"][:3]
     assert shifted[0].history["loss"][3] != plain[0].history["loss"][3]
-    with pytest.raises(CatDogError, match=r"epoch 1 have shapes \[\(202, 7\), \(202, 5\)\]: every epoch needs one row"):
+    with pytest.raises(CatDogError, match=r"epoch 1 have shapes \[\(202, 7\), \(202, 5\)\]: each needs one row "
+                                          r"per label \(203\)"):
         trained("fast", dims, "sgd", lambda e: [a[:203 - e] for a in x], y, (xv, yv), epochs=3)
-    with pytest.raises(CatDogError, match=r"epoch 0 have shapes \[\(200, 7\), \(200, 5\)\]"):
-        trained("fast", dims, "sgd", lambda e: [a[:200] for a in x], y, (xv, yv), epochs=3)
+    with pytest.raises(CatDogError, match=r"epoch 2 have shapes \[\(203, 7\), \(203, 4\)\], not those of the first"):
+        trained("fast", dims, "sgd", lambda e: [x[0], x[1][:, :5 - e // 2]], y, (xv, yv), epochs=3)
+    with pytest.raises(CatDogError, match=r"the validation inputs have shapes \[\(56, 7\), \(56, 5\)\]"):
+        trained("fast", dims, "sgd", x, y, ([a[1:] for a in xv], yv), epochs=3)
 
 
 def test_fit_arrays_runs_keras_callbacks(tmp_path):
