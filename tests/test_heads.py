@@ -1,6 +1,9 @@
 """03_train_single.py, 05_train_merge.py, 07_predict_submit.py and helper's metrics and submission code."""
 
+import functools
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -199,3 +202,157 @@ def test_sidecar_stores_settings(pipeline):
     meta = json.loads((pipeline["model"] / "merge" / "ResNet50+Xception.json").read_text())
     assert meta["kind"] == "merge" and meta["args"]["epochs"] == 7 and meta["args"]["optimizer"] == "adadelta"
     assert meta["feature_attrs"][0]["backbone"] == "ResNet50"
+
+
+# ----------------------------------------------------------------------------- helper.fit_arrays, Keras's fit faster
+
+def small_problem(inputs: int, rows: int = 203, valid: int = 57):
+    """Random features (one or two inputs) whose label depends on them, and a seed-built head."""
+    rng = np.random.default_rng(inputs)
+    dims = {"a": 7, "b": 5}
+    dims = dict(list(dims.items())[:inputs])
+    x = [rng.normal(size=(rows, d)).astype(np.float32) for d in dims.values()]
+    xv = [rng.normal(size=(valid, d)).astype(np.float32) for d in dims.values()]
+    y, yv = ((a[0][:, 0] + a[-1][:, 1] > 0).astype(np.float32) for a in (x, xv))
+    return dims, helper.model_inputs(x), y, helper.model_inputs(xv), yv
+
+
+def head(dims, optimizer: str):
+    opt = (helper.make_optimizer("sgd", 0.05, 0.9, 0.01) if optimizer == "sgd"
+           else helper.make_optimizer("adadelta", 1.0))
+    return helper.build_head(dims, 0.5, opt, seed=3)
+
+
+def trained(how, dims, optimizer, x, y, valid, **kwargs):
+    """(history, weights, optimizer variables) of a new head trained by Keras's fit or by helper.fit_arrays."""
+    model = head(dims, optimizer)
+    fit = model.fit if how == "keras" else functools.partial(helper.fit_arrays, model)
+    hist = fit(x, y, batch_size=16, validation_data=valid, verbose=0, **kwargs)
+    return hist, [w.numpy() for w in model.weights], [v.numpy() for v in model.optimizer.variables]
+
+
+def assert_same_training(a, b, atol=1e-5):
+    (ha, wa, oa), (hb, wb, ob) = a, b
+    assert list(ha.history) == list(hb.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    for key in ha.history:
+        np.testing.assert_allclose(hb.history[key], ha.history[key], atol=atol, rtol=0, err_msg=key)
+    assert hb.epoch == ha.epoch and hb.params == ha.params
+    for p, q in zip(wa + oa, wb + ob, strict=True):
+        np.testing.assert_allclose(q, p, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("inputs", [1, 2])
+@pytest.mark.parametrize("optimizer", ["adadelta", "sgd"])
+def test_fit_arrays_trains_exactly_like_keras_fit(inputs, optimizer):
+    dims, x, y, xv, yv = small_problem(inputs)  # 203 rows: batches of 16 leave a last one of 11
+    keras_run = trained("keras", dims, optimizer, x, y, (xv, yv), epochs=5)
+    fast_run = trained("fast", dims, optimizer, x, y, (xv, yv), epochs=5)
+    assert len(keras_run[0].epoch) == 5 and keras_run[0].history["loss"][0] != keras_run[0].history["loss"][-1]
+    assert_same_training(keras_run, fast_run)
+    # Dropout's masks and the shuffle come from the seed: another seed trains differently.
+    model = helper.build_head(dims, 0.5, helper.make_optimizer(optimizer, 0.05, 0.9, 0.01), seed=4)
+    other = helper.fit_arrays(model, x, y, batch_size=16, epochs=5, validation_data=(xv, yv), verbose=0)
+    assert abs(other.history["loss"][-1] - fast_run[0].history["loss"][-1]) > 1e-4
+
+
+def test_fit_arrays_takes_each_epochs_inputs_from_a_callable():
+    dims, x, y, xv, yv = small_problem(2)
+    asked = []
+
+    def inputs(epoch):
+        asked.append(epoch)
+        return [a.copy() for a in x]
+
+    arrays = trained("fast", dims, "sgd", x, y, (xv, yv), epochs=5, initial_epoch=1)
+    called = trained("fast", dims, "sgd", inputs, y, (xv, yv), epochs=5, initial_epoch=1)
+    assert asked == [1, 2, 3, 4]  # Keras's epoch numbers, 0-based
+    assert_same_training(arrays, called, atol=0)
+    # helper.fit, which the steps call, takes the callable in place of the arrays.
+    df = helper.fit(head(dims, "sgd"), (lambda e: x, y), (xv, yv), 5, [], batch_size=16, initial_epoch=1)
+    assert df.epoch.tolist() == [2, 3, 4, 5] and df.loss.tolist() == arrays[0].history["loss"]
+    # The inputs are used: a view that changes from epoch 3 on changes the loss from epoch 3 on.
+    shifted = trained("fast", dims, "sgd", lambda e: [a + (e >= 3) for a in x], y, (xv, yv), epochs=5)
+    plain = trained("fast", dims, "sgd", x, y, (xv, yv), epochs=5)
+    assert shifted[0].history["loss"][:3] == plain[0].history["loss"][:3]
+    assert shifted[0].history["loss"][3] != plain[0].history["loss"][3]
+    with pytest.raises(CatDogError, match=r"epoch 1 have shapes \[\(202, 7\), \(202, 5\)\]: each needs one row "
+                                          r"per label \(203\)"):
+        trained("fast", dims, "sgd", lambda e: [a[:203 - e] for a in x], y, (xv, yv), epochs=3)
+    with pytest.raises(CatDogError, match=r"epoch 2 have shapes \[\(203, 7\), \(203, 4\)\], not those of the first"):
+        trained("fast", dims, "sgd", lambda e: [x[0], x[1][:, :5 - e // 2]], y, (xv, yv), epochs=3)
+    with pytest.raises(CatDogError, match=r"the validation inputs have shapes \[\(56, 7\), \(56, 5\)\]"):
+        trained("fast", dims, "sgd", x, y, ([a[1:] for a in xv], yv), epochs=3)
+
+
+def test_fit_arrays_runs_keras_callbacks(tmp_path):
+    import keras
+    dims, x, y, xv, yv = small_problem(2)
+    runs = {}
+    for how in ("keras", "fast"):
+        stop = keras.callbacks.EarlyStopping("val_loss", patience=1, min_delta=10)  # no epoch improves enough
+        best = keras.callbacks.ModelCheckpoint(tmp_path / f"{how}.keras", monitor="val_loss", save_best_only=True)
+        board = keras.callbacks.TensorBoard(str(tmp_path / how))
+        runs[how] = trained(how, dims, "sgd", x, y, (xv, yv), epochs=10, callbacks=[stop, best, board])
+        assert runs[how][0].epoch == [0, 1] and stop.stopped_epoch == 1
+        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= epoch_loss_tags(tmp_path / how / "train")
+        assert {"epoch_loss", "evaluation_loss_vs_iterations"} <= epoch_loss_tags(tmp_path / how / "validation")
+    assert_same_training(runs["keras"], runs["fast"])
+    # The checkpoints hold the same weights, in the same .keras layout.
+    saved = {how: keras.models.load_model(tmp_path / f"{how}.keras") for how in runs}
+    for p, q in zip(saved["keras"].weights + saved["keras"].optimizer.variables,
+                    saved["fast"].weights + saved["fast"].optimizer.variables, strict=True):
+        np.testing.assert_allclose(q.numpy(), p.numpy(), atol=1e-5, rtol=0)
+    assert keras_file_layout(tmp_path / "keras.keras") == keras_file_layout(tmp_path / "fast.keras")
+
+
+def keras_file_layout(path):
+    """A .keras file's config, member names and its weight file's dataset names and shapes, without what differs
+    from object to object: the numbers Keras appends to automatic layer names ('dropout_3': the fourth Dropout of
+    this process) and the Python ids that mark shared objects."""
+    import zipfile
+
+    import h5py
+    with zipfile.ZipFile(path) as z:
+        names = sorted(z.namelist())
+        config = z.read("config.json").decode()
+        z.extract("model.weights.h5", path.parent / f"{path.stem}_weights")
+    datasets = []
+    with h5py.File(path.parent / f"{path.stem}_weights" / "model.weights.h5") as f:
+        f.visititems(lambda name, obj: datasets.append((name, getattr(obj, "shape", None))))
+    assert len(datasets) > 5 and '"Dense"' in config
+    return re.sub(r'"shared_object_id": \d+', "", re.sub(r'_\d+"', '"', config)), names, datasets
+
+
+def test_06_trains_its_heads_with_fit_arrays_and_keras_results(tmp_path, monkeypatch):
+    """kopt's CompileFN calls model.fit itself; 06's model() routes it to helper.fit_arrays."""
+    dims, x, y, xv, yv = small_problem(2)
+    module = script("06")
+    kopt = module.import_kopt(tmp_path / "cfg")
+    calls = []
+    real = helper.fit_arrays
+    monkeypatch.setattr(helper, "fit_arrays", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def keras_model(*args, **kwargs):
+        m = module.model(*args, **kwargs)
+        del m.fit  # back to Keras's own fit
+        return m
+
+    results = {}
+    for how, model_fn in (("fast", module.model), ("keras", keras_model)):
+        fn = kopt.CompileFN("db", how, data_fn=lambda: ((x, y), (xv, yv)), model_fn=model_fn, loss_metric="loss",
+                            loss_metric_mode="min", valid_split=None, use_tensorboard=True, save_model="best",
+                            save_dir=str(tmp_path / how))
+        results[how] = fn({"data": {}, "model": {"lr": 0.005, "decay": 0.01, "momentum": 0.9, "dropout": 0.5,
+                                                 "seed": 1}, "fit": {"epochs": 6, "batch_size": 16, "patience": 2}})
+    assert len(calls) == 1  # the fast run only
+    fast, slow = results["fast"], results["keras"]
+    assert fast["loss"] == pytest.approx(slow["loss"], abs=1e-5)
+    assert fast["history"]["params"] == slow["history"]["params"]
+    for key, values in slow["history"]["loss"].items():
+        np.testing.assert_allclose(fast["history"]["loss"][key], values, atol=1e-5, rtol=0, err_msg=key)
+    assert (keras_file_layout(Path(fast["path"]["model"]).with_suffix(".keras"))
+            == keras_file_layout(Path(slow["path"]["model"]).with_suffix(".keras")))
+    # What fit_arrays does not do (here sample weights) still goes to Keras's fit.
+    m = module.model((x, y), lr=0.005)
+    hist = m.fit(x, y, batch_size=16, epochs=2, sample_weight=np.ones(len(y)), verbose=0)
+    assert len(calls) == 1 and len(hist.history["loss"]) == 2
