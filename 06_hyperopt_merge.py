@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=helper.POSITIVE_INT, default=200, help="most epochs per trial")
     p.add_argument("--patience", type=helper.POSITIVE_INT, default=8, help="early stopping patience on val_loss")
     p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=128, help="rows per training batch")
+    helper.views_arg(p)
     p.add_argument("--spark", nargs="?", const="local[*]", metavar="MASTER",
                    help="run trials in parallel with hyperopt's SparkTrials on this Spark master (default "
                         "local[*]; e.g. spark://host:7077). Needs pip install -r requirements-spark.txt and Java 17+; "
@@ -111,13 +112,14 @@ SPACE = {"lr": ("loguniform", 0.001, 0.01), "decay": ("uniform", 0.0005, 0.05),
 LABELS = {"lr": "m_lr", "decay": "m_decay", "momentum": "m_mom", "dropout": "m_do"}  # the report's hp labels
 
 
-def hyper_params(models, epochs: int, batch_size: int, patience: int, seed: int) -> dict:
-    """The report's search space; the seed is a fixed value passed through to model()."""
+def hyper_params(models, epochs: int, batch_size: int, patience: int, seed: int, views: int = 1) -> dict:
+    """The report's search space; the seed (and --views) are fixed values passed through to model() (data())."""
     from hyperopt import hp
     build = {"loguniform": lambda label, lo, hi: hp.loguniform(label, np.log(lo), np.log(hi)),
              "uniform": hp.uniform, "choice": hp.choice}
     return {
-        "data": {"model_name": tuple(models)},
+        # Only with views: the report's searches keep their data() call, hence their trial names.
+        "data": {"model_name": tuple(models), **({"views": views, "view_seed": seed} if views > 1 else {})},
         "model": {**{k: build[kind](LABELS[k], *values) for k, (kind, *values) in SPACE.items()}, "seed": seed},
         "fit": {"batch_size": batch_size, "epochs": epochs, "patience": patience},
     }
@@ -127,11 +129,25 @@ def make_data_fn(data_dir: str):
     """The report's data(model_name), reading `data_dir`. (kopt names each trial's TensorBoard folder after
     the parameters, so a path with slashes cannot be one of them.)"""
     @functools.lru_cache(maxsize=2)
-    def data(model_name):
-        """((train inputs, labels), (valid inputs, labels)) from split.csv; loaded once per process."""
-        feats = helper.load_features(list(model_name), data_dir, parts=("labelled",))
-        return feats.subset("train"), feats.subset("valid")
+    def data(model_name, views=1, view_seed=helper.DEFAULT_SEED):
+        """((train inputs, labels), (valid inputs, labels)) from split.csv; loaded once per process. With views,
+        the train inputs carry the epoch -> inputs sampler of their views (see ViewInputs)."""
+        parts = ("labelled", "labelled_views") if views > 1 else ("labelled",)
+        feats = helper.load_features(list(model_name), data_dir, parts=parts, views=views if views > 1 else None)
+        (xtr, ytr), valid = feats.subset("train"), feats.subset("valid")
+        if views > 1:
+            xtr = ViewInputs(xtr, helper.view_sampler(feats.labelled_views, np.flatnonzero(~feats.valid), view_seed))
+        return (xtr, ytr), valid
     return data
+
+
+class ViewInputs(list):
+    """The plain training inputs (model() reads their shapes), carrying `epoch_inputs`: the epoch -> inputs
+    sampler of their augmented views, which the head's fit trains on instead (06 --views)."""
+
+    def __init__(self, inputs, epoch_inputs):
+        super().__init__(inputs)
+        self.epoch_inputs = epoch_inputs
 
 
 def make_objective(kopt, data_dir: str, models, out_dir: str, model_fn):
@@ -155,7 +171,15 @@ def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helpe
     # to helper.fit_arrays: Keras's results, in about half the time (benchmarks/heads_bench.md), with kopt
     # unchanged. It is not saved with the model.
     head.fit = helper.fast_fit_method(head)
+    sampler = getattr(train_data[0], "epoch_inputs", None)
+    if sampler is not None:  # --views: each epoch, each row one of its views (validation: the plain rows)
+        head.fit = functools.partial(fit_on_views, head.fit, sampler)
     return head
+
+
+def fit_on_views(fit, epoch_inputs, x=None, *args, **kwargs):
+    """kopt passes data()'s train inputs as x: train on their views instead."""
+    return fit(epoch_inputs, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- saved state
@@ -164,9 +188,13 @@ def binding(args, feats: helper.Features) -> dict:
     """What a search is bound to: its backbones, space, per-trial training settings and feature files.
     Trials made under another binding cannot be continued (their best model would not match)."""
     # Through JSON and back: the form it is compared with when read from search.json.
+    # The plain rows' settings only (a file that gained views still holds the rows the trials were trained on);
+    # views only when searched with them, so the report's searches keep their binding.
+    features = [{k: v for k, v in helper.ExtractSettings.of(a).attrs().items() if k in helper.ROW_SETTINGS}
+                for a in feats.attrs]
     return json.loads(json.dumps({"models": args.models, "space": SPACE, "epochs": args.epochs,
                                   "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
-                                  "features": [helper.ExtractSettings.of(a).attrs() for a in feats.attrs]}))
+                                  "features": features, **({"views": args.views} if args.views > 1 else {})}))
 
 
 def check_binding(out_dir: Path, wanted: dict, has_trials: bool) -> None:
@@ -364,7 +392,9 @@ def main(args):
     data_dir, out_dir = str(Path(args.data_dir).resolve()), Path(args.model_dir).resolve() / helper.HYPEROPT_DIR
     feats = helper.load_features(args.models, data_dir, parts=())  # fail early, with a clear message
     kopt = import_kopt(out_dir / "kopt")
-    space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed)
+    if args.views > 1:
+        helper.check_views(args.models, data_dir, args.views)
+    space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed, args.views)
     trials_path = out_dir / "trials.pkl"
     trials = load_trials(trials_path)
     check_binding(out_dir, binding(args, feats), has_trials=len(trials.trials) > 0)

@@ -1156,7 +1156,8 @@ def fast_fit_method(model) -> Callable:
         valid_ok = validation_data is None or (isinstance(validation_data, (list, tuple)) and len(validation_data) == 2
                                                and arrays(validation_data[0])
                                                and isinstance(validation_data[1], np.ndarray))
-        if plain and valid_ok and arrays(x) and isinstance(y, np.ndarray) and isinstance(shuffle, bool):
+        inputs_ok = callable(x) or arrays(x)  # a callable: epoch -> inputs (06 --views)
+        if plain and valid_ok and inputs_ok and isinstance(y, np.ndarray) and isinstance(shuffle, bool):
             return fit_arrays(model, x, y, **mine)
         return keras_fit(x, y, **mine, **others)
 

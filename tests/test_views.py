@@ -111,6 +111,17 @@ def test_heads_train_on_views_and_validate_on_plain_rows(viewed):
         assert helper.read_sidecar(viewed["model"] / step / f"{name}.keras")["args"]["views"] == VIEWS
 
 
+def test_06_searches_on_views(viewed):
+    common = ["--max-evals", 2, "--epochs", 3, "--batch-size", 16, "--models", "ResNet50", "Xception"]
+    plain = run("06", "--data-dir", viewed["data"], "--model-dir", viewed["root"] / "h1", *common)
+    views = run("06", "--data-dir", viewed["data"], "--model-dir", viewed["root"] / "h3", *common, "--views", VIEWS)
+    assert plain[["lr", "decay", "momentum", "dropout"]].equals(views[["lr", "decay", "momentum", "dropout"]])
+    assert not np.allclose(plain.val_loss, views.val_loss)  # the same settings, trained on other rows
+    import json
+    assert json.loads((viewed["root"] / "h3" / "hyperopt" / "search.json").read_text())["views"] == VIEWS
+    assert "views" not in json.loads((viewed["root"] / "h1" / "hyperopt" / "search.json").read_text())
+
+
 def test_view_sampler_draws_one_view_per_row_the_same_in_every_backbone():
     rng = np.random.default_rng(0)
     views = [rng.normal(size=(4, 50, 3)).astype(np.float16), rng.normal(size=(4, 50, 5)).astype(np.float16)]
@@ -165,6 +176,8 @@ def test_views_bad_input(pipeline, tmp_path):
         script("03").parse_args(["--views", "0"])
     with pytest.raises(CatDogError, match=r"ResNet50\.h5 holds no augmented views.*--views 3"):
         run("03", *d, *HEAD, "--models", "ResNet50", "--views", 3)
+    with pytest.raises(CatDogError, match=r"holds no augmented views"):
+        run("06", *d, "--models", "ResNet50", "Xception", "--views", 2, "--max-evals", 1)
     with pytest.raises(CatDogError, match=r"holds no augmented views.*02_extract_features.py"):
         run("07", "--data-dir", pipeline["data"], "--model-dir", pipeline["model"], "--output", tmp_path / "s.csv",
             "--tta")
