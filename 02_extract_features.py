@@ -17,7 +17,7 @@ from helper import CatDogError, log
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0], cnn=True)
-    p.add_argument("--models", nargs="+", default=list(helper.BACKBONES), choices=list(helper.BACKBONES),
+    p.add_argument("--models", nargs="+", default=list(helper.REPORT_BACKBONES), choices=list(helper.BACKBONES),
                    metavar="MODEL", help=f"backbones to extract, from {', '.join(helper.BACKBONES)}")
     p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=64, help="images per batch")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS,

@@ -1,0 +1,212 @@
+"""The modern backbones beyond the report (issue #12): registry facts checked against Keras, preprocessing with no
+double normalisation, split layers, weights files, names the steps accept, and 02/04/08 on two of them."""
+
+import inspect
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run, script
+
+import helper
+from helper import CatDogError
+
+# The issue's facts (checked in keras/src/applications/): native size, pooled width, and the input range Keras
+# documents for the model: "0-255" where the model normalises inside (include_preprocessing), "-1..1" where
+# preprocess_input maps to [-1, 1] (mode "tf").
+FACTS = {
+    "EfficientNetV2S": (384, 1280, "0-255"),
+    "EfficientNetV2L": (480, 1280, "0-255"),
+    "EfficientNetB7": (600, 2560, "0-255"),
+    "ConvNeXtBase": (224, 1024, "0-255"),
+    "ConvNeXtXLarge": (224, 2048, "0-255"),
+    "NASNetLarge": (331, 4032, "-1..1"),
+    "ResNet152V2": (224, 2048, "-1..1"),
+}
+RANGES = {"0-255": lambda x: x, "-1..1": lambda x: x / 127.5 - 1.0}
+SMALL = 32  # the smallest size each of them builds at (Keras's floor)
+DEMO = 64  # where ConvNeXt's last maps are 2 x 2, so pooling before or after its final LayerNorm differs
+
+
+def call(model, x) -> np.ndarray:
+    """One eager forward pass: tracing predict() for networks of ~1000 layers costs more than running them."""
+    return np.asarray(model(x, training=False))
+
+
+def assert_close(got, expected, rel: float = 1e-4):
+    """Equal up to float32 rounding, relative to the largest value (random deep networks give tiny features)."""
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= rel * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("name", list(FACTS))
+def test_new_backbone_matches_keras_at_its_smallest_size(name):
+    """Registry size/width/min_size; our preprocess + backbone gives what Keras's network gives on its documented
+    input range (a model that normalises inside gets 0-255 pixels, not normalised twice); the split layer cuts
+    the network into two parts whose composition is the network. One build each: they are slow on a CPU."""
+    import keras
+    bb = helper.BACKBONES[name]
+    size, width, documented = FACTS[name]
+    assert (bb.size, bb.width, bb.min_size) == (size, width, SMALL)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, SMALL, SMALL, 3)).astype(np.float32)
+
+    helper.set_seed(1)
+    ours = bb.build("none", SMALL)
+    assert tuple(ours.output.shape) == (None, width)
+    got = call(ours, bb.preprocess(pixels))
+    # Keras's network as its constructor built it (its maps, before our pool), fed as Keras documents.
+    net = keras.Model(ours.input, ours.get_layer("avg_pool").input)
+    normalises = [type(layer).__name__ for layer in net.layers[:4]
+                  if isinstance(layer, keras.layers.Rescaling | keras.layers.Normalization)]
+    assert bool(normalises) == (documented == "0-255"), normalises
+    maps = call(net, RANGES[documented](pixels))
+    assert_close(got, maps.mean(axis=(1, 2)))
+    # The comparison has power: the other input range changes the features.
+    wrong = "-1..1" if documented == "0-255" else "0-255"
+    other = call(net, RANGES[wrong](pixels)).mean(axis=(1, 2))
+    assert np.abs(got - other).max() > 0.01 * np.abs(got).max()
+
+    split = script("04")
+    if bb.split_layer:
+        extractor, tail = split.split_model(net, split.split_layer_name(bb, net))
+        assert_close(call(tail, call(extractor, RANGES[documented](pixels))), maps)
+        assert 0 < tail.count_params() < net.count_params() / 2  # the last block(s), not the network
+    else:  # NASNet: each cell also reads the cell before the last one, so no layer is a clean cut
+        with pytest.raises(CatDogError, match="inside a block"):
+            split.split_model(net, "normal_concat_17")
+    keras.backend.clear_session()
+
+
+def test_weights_files_are_those_keras_downloads():
+    """weights_file is what Keras caches in ~/.keras/models and weights_url where it fetches it, derived here from
+    each application's source: EfficientNet(V2) and ConvNeXt name it <model name>_notop.h5."""
+    import keras
+    from keras.src.applications import convnext, efficientnet, efficientnet_v2, nasnet, resnet
+    base = {"efficientnet_v2": efficientnet_v2.BASE_WEIGHTS_PATH, "efficientnet": efficientnet.BASE_WEIGHTS_PATH,
+            "convnext": convnext.BASE_WEIGHTS_PATH}
+    for name in ("EfficientNetV2S", "EfficientNetV2L", "EfficientNetB7", "ConvNeXtBase", "ConvNeXtXLarge"):
+        bb = helper.BACKBONES[name]
+        model_name = inspect.signature(getattr(keras.applications, name)).parameters["name"].default
+        assert bb.weights_file == f"{model_name}_notop.h5"
+        assert bb.weights_url == base[bb.module] + bb.weights_file
+    nas = helper.BACKBONES["NASNetLarge"]
+    assert nas.weights_url == nasnet.NASNET_LARGE_WEIGHT_PATH_NO_TOP
+    assert f'"{nas.weights_file}"' in inspect.getsource(nasnet.NASNet)
+    r152 = helper.BACKBONES["ResNet152V2"]
+    assert r152.weights_file == "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert r152.weights_url == resnet.BASE_WEIGHTS_PATH + r152.weights_file
+
+
+def test_weights_folder_messages(tmp_path):
+    """A folder without the file names the file and where to fetch it (NASNet's has another name there);
+    EfficientNetB7 takes ImageNet weights only as 'imagenet' (Keras adds its input scaling only then)."""
+    with pytest.raises(CatDogError, match=r"NASNet-large-no-top\.h5 in that folder as nasnet_large_no_top\.h5"):
+        helper.resolve_weights(str(tmp_path), helper.BACKBONES["NASNetLarge"])
+    (tmp_path / "efficientnetb7_notop.h5").write_bytes(b"")
+    with pytest.raises(CatDogError, match=r"efficientnetb7_notop\.h5 in ~/\.keras/models/.*--weights imagenet"):
+        helper.resolve_weights(str(tmp_path), helper.BACKBONES["EfficientNetB7"])
+    assert helper.resolve_weights("none", helper.BACKBONES["EfficientNetB7"]) is None
+    (tmp_path / "convnext_base_notop.h5").write_bytes(b"")
+    assert helper.resolve_weights(str(tmp_path), helper.BACKBONES["ConvNeXtBase"]) == str(
+        tmp_path / "convnext_base_notop.h5")
+
+
+def test_steps_accept_the_new_names_and_refuse_unknown_ones(capsys):
+    assert script("02").parse_args([]).models == list(helper.REPORT_BACKBONES)  # the report's five by default
+    assert len(helper.REPORT_BACKBONES) == 5 and set(helper.REPORT_BACKBONES) < set(helper.BACKBONES)
+    assert script("02").parse_args(["--models", *FACTS]).models == list(FACTS)
+    assert script("03").parse_args(["--models", "ConvNeXtXLarge", "NASNetLarge"]).models == ["ConvNeXtXLarge",
+                                                                                             "NASNetLarge"]
+    merge = ["EfficientNetV2L", "ConvNeXtXLarge", "InceptionV3"]
+    assert script("05").parse_args(["--models", *merge]).models == merge
+    assert script("06").parse_args(["--models", *merge]).models == merge
+    splittable = {n for n in FACTS if helper.BACKBONES[n].split_layer}
+    assert splittable == set(FACTS) - {"NASNetLarge"}
+    for name in splittable:
+        assert script("04").parse_args(["--model", name]).model == name
+    for number, argv in [("02", ["--models", "EfficientNetV2M"]), ("05", ["--models", "ResNet50", "ConvNextBase"]),
+                         ("04", ["--model", "NASNetLarge"])]:
+        with pytest.raises(SystemExit):
+            script(number).parse_args(argv)
+        assert f"invalid choice: '{argv[-1]}'" in capsys.readouterr().err
+    with pytest.raises(CatDogError, match=r"unknown backbone 'ConvnextBase': did you mean ConvNeXtBase\? choose "
+                                          r"from .*ResNet152V2"):
+        helper.get_backbone("ConvnextBase")
+    with pytest.raises(CatDogError, match=r"unknown backbone 'ViT'.*EfficientNetV2S"):
+        helper.get_backbone("ViT")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo dataset with EfficientNetV2S and ConvNeXtBase features at 64 px (random weights)."""
+    data = tmp_path_factory.mktemp("backbones") / "data"
+    split = run("01", "--data-dir", data, "--demo", 4)["split"]
+    table = run("02", "--data-dir", data, "--models", "EfficientNetV2S", "ConvNeXtBase", "--weights", "none",
+                "--image-size", DEMO, "--batch-size", 4)
+    return {"data": data, "split": split, "table": table}
+
+
+def test_extract_new_backbones_on_demo_data(demo):
+    """02's files have the registry's widths; ConvNeXt's features are the mean of Keras's maps of the raw 0-255
+    pixels (the same seeded network 02 built)."""
+    import keras
+    data, split = demo["data"], demo["split"]
+    assert demo["table"].backbone.tolist() == ["EfficientNetV2S", "ConvNeXtBase"]
+    n_test = len(helper.laid_out_test_ids(data))
+    for name in ("EfficientNetV2S", "ConvNeXtBase"):
+        with h5py.File(helper.feature_path(data, name), "r") as f:
+            assert f["train"].shape == (len(split), FACTS[name][1]) and f["test"].shape == (n_test, FACTS[name][1])
+            assert np.isfinite(f["train"][:]).all() and f.attrs["image_size"] == DEMO
+            if name == "ConvNeXtBase":
+                features = f["train"][:2]
+    paths = helper.train_image_paths(data, split)[:2]
+    pixels = np.stack([helper.load_pixels(p, DEMO) for p in paths]).astype(np.float32)
+    helper.set_seed(helper.DEFAULT_SEED)  # as 02 did before building
+    net = keras.applications.ConvNeXtBase(include_top=False, weights=None, input_shape=(DEMO, DEMO, 3))
+    maps = call(net, pixels)
+    assert_close(features, maps.mean(axis=(1, 2)), rel=1e-3)
+    keras.backend.clear_session()
+
+
+def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
+    data = demo["data"]
+    with pytest.raises(SystemExit):
+        script("02").parse_args(["--models", "EfficientNetV2S", "--image-size", "31"])
+    assert "31 is not an integer >= 32" in capsys.readouterr().err
+    before = sorted(p.name for p in (data / helper.FEATURES).iterdir())
+    with pytest.raises(CatDogError, match="InceptionV3 needs --image-size >= 75, got 32: raise --image-size"):
+        run("02", "--data-dir", data, "--models", "ResNet152V2", "InceptionV3", "--weights", "none",
+            "--image-size", SMALL)
+    assert sorted(p.name for p in (data / helper.FEATURES).iterdir()) == before  # ResNet152V2 not started
+
+
+def test_finetune_splits_efficientnetv2s(demo, tmp_path):
+    """04 on a new splittable backbone: caches the maps at its split layer and trains the last block + head."""
+    data = demo["data"]
+    table = run("04", "--data-dir", data, "--model-dir", tmp_path, "--model", "EfficientNetV2S", "--weights",
+                "none", "--image-size", DEMO, "--init", "random", "--epochs", 1, "--batch-size", 4)
+    assert table.model.tolist() == ["EfficientNetV2S_random"] and np.isfinite(table.val_loss).all()
+    with h5py.File(helper.feature_path(data, "EfficientNetV2S_block6n_add_maps"), "r") as f:
+        assert f["train"].shape == (len(demo["split"]), 2, 2, 256) and f["train"].dtype == np.float16
+    assert (tmp_path / "finetune" / "EfficientNetV2S_random.keras").is_file()
+
+
+@pytest.mark.parametrize("name", ["EfficientNetV2S", "ConvNeXtBase"])
+def test_export_branch_feeds_raw_pixels_like_02(name):
+    """08 probes preprocess_input into a 1x1 convolution: for a model that normalises inside it is the identity;
+    and 08's branch (its own pool on the backbone's maps) computes 02's features."""
+    import keras
+    bb = helper.BACKBONES[name]
+    export = script("08")
+    settings = helper.ExtractSettings(name, DEMO, weights="none", seed=7)
+    image = keras.Input((DEMO, DEMO, 3))
+    features, _ = export.branch(image, DEMO, settings, "none")
+    branch = keras.Model(image, features)
+    kernel, bias = branch.get_layer(f"{name}_preprocess").get_weights()
+    np.testing.assert_array_equal(kernel[0, 0], np.eye(3))
+    np.testing.assert_array_equal(bias, np.zeros(3))
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, DEMO, DEMO, 3)).astype(np.float32)
+    helper.set_seed(7)
+    extracted = call(bb.build("none", DEMO), bb.preprocess(pixels))
+    assert_close(call(branch, pixels), extracted)
+    keras.backend.clear_session()
