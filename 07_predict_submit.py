@@ -20,7 +20,8 @@ from helper import CLASSES, CatDogError, log
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--model", help="a saved .keras model of any step, fine-tuned ones (model/finetune/) too "
+    p.add_argument("--model", help="a saved .keras model of any step, fine-tuned ones (model/finetune/) too, or a "
+                                   "K-fold folder (model/merge/<name>_k5: the mean of its fold models) "
                                    "(default: the best one found under --model-dir)")
     p.add_argument("--output", default="submissions/submission.csv", help="the submission CSV to write")
     helper.clip_args(p)
@@ -458,7 +459,8 @@ def main(args):
             api.competition_submissions(helper.KAGGLE_COMPETITION)
     data_dir, model_dir = Path(args.data_dir), Path(args.model_dir)
     out_dir = model_dir / helper.ANALYSIS_DIR
-    if args.blend or args.calibrate != "none" or args.clip == "auto":
+    kfold_model = args.model is not None and (Path(args.model) / helper.KFOLD_SUMMARY).is_file()
+    if args.blend or args.calibrate != "none" or args.clip == "auto" or kfold_model:
         sub = submit_on_evidence(args, output, data_dir, model_dir)
     else:
         path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)

@@ -141,11 +141,11 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(small_data, 
     calls = {"n": 0}
     real_append = helper.FeatureWriter.append
 
-    def dying_append(self, part, rows):
+    def dying_append(self, part, rows, view=0):
         calls["n"] += 1
         if calls["n"] > 2:
             raise KeyboardInterrupt
-        real_append(self, part, rows)
+        real_append(self, part, rows, view)
 
     monkeypatch.setattr(helper.FeatureWriter, "append", dying_append)
     with pytest.raises(KeyboardInterrupt):
@@ -215,7 +215,7 @@ def test_mixed_precision_features_are_close(small_data):
 def test_full_disk_removes_the_partial_file_and_says_how_much_is_needed(small_data, monkeypatch):
     import errno
 
-    def full(self, part, rows):
+    def full(self, part, rows, view=0):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(helper.FeatureWriter, "append", full)

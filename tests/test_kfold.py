@@ -78,6 +78,15 @@ def test_kfold_oof_covers_every_labelled_row_once_and_matches_the_fold_models(kf
     np.testing.assert_allclose(sub.label, np.clip(test.prediction, *helper.CLIP), atol=1e-6)
 
 
+def test_07_submits_a_kfold_folder_as_the_mean_of_its_folds(kfold, tmp_path):
+    folder = kfold["model"] / "merge" / f"ResNet50+InceptionV3_k{FOLDS}"
+    sub = run("07", *kfold["d"], "--model", folder, "--output", tmp_path / "k.csv")
+    test = pd.read_csv(folder / "test.csv")
+    np.testing.assert_allclose(sub.label, np.clip(test.prediction, *helper.CLIP), atol=1e-9)
+    info = json.loads((tmp_path / "k.json").read_text())
+    assert info["weights"] == {folder.name: 1.0} and info["temperature"] == 1.0
+
+
 def test_folds_are_the_same_for_every_model(kfold):
     a = pd.read_csv(kfold["model"] / "single" / f"ResNet50_k{FOLDS}" / "oof.csv").set_index("filename").fold
     b = pd.read_csv(kfold["model"] / "merge" / f"ResNet50+InceptionV3_k{FOLDS}" / "oof.csv").set_index("filename").fold
