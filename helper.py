@@ -309,7 +309,9 @@ def view_params(seed: int, names: Sequence[str], view: int) -> np.ndarray:
 
 
 def _pil_view(path: str, size: int, interpolation: str, jpeg_draft: bool, params: np.ndarray) -> np.ndarray:
-    """_pil_resized of one view: mirror, rotate about the centre, crop (zoom, shift), stretch, brighten."""
+    """_pil_resized of one view: mirrored, rotated about the image centre, cropped (zoom, shift), stretched to
+    size x size, brightened. The whole image is first resized (antialiased) to the scale at which the crop is
+    size x size, and rotated and cropped there: the augmentation costs little more than the plain resize."""
     from PIL import Image
     mirror, angle, zoom, shift_x, shift_y, brightness = (float(v) for v in params)
     with Image.open(path) as im:
@@ -318,12 +320,14 @@ def _pil_view(path: str, size: int, interpolation: str, jpeg_draft: bool, params
         im = im.convert("RGB")
         if mirror:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if angle:
-            im = im.rotate(angle, resample=Image.Resampling.BILINEAR)
-        w, h = im.size
-        left, top = (w - zoom * w) / 2 * (1 + shift_x), (h - zoom * h) / 2 * (1 + shift_y)
-        x = np.asarray(im.resize((size, size), pil_filter(interpolation), box=(left, top, left + zoom * w,
-                                                                               top + zoom * h)), np.float32)
+        scaled = max(size, round(size / zoom))  # the stretched, square image whose crop is size x size
+        small = im.resize((scaled, scaled), pil_filter(interpolation))
+    if angle:
+        small = small.rotate(angle, resample=Image.Resampling.BILINEAR)
+    if scaled != size:
+        left, top = (scaled - size) / 2 * (1 + shift_x), (scaled - size) / 2 * (1 + shift_y)
+        small = small.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + size, top + size))
+    x = np.asarray(small, np.float32)
     return x if brightness == 1 else np.clip(x * brightness, 0, 255)
 
 
@@ -594,13 +598,15 @@ ROW_SETTINGS = tuple(f.name for f in dataclasses.fields(ExtractSettings) if f.na
 
 def setting_changes(stored: dict, wanted: dict, keys: Sequence[str] | None = None) -> list[str]:
     """The settings (all, or those in `keys`) in which two attribute sets differ; the seed only matters for
-    random weights (`none`). A setting absent from a set (a file written before it existed) has its default."""
+    random weights (`none`) or for views (it draws their transformations). A setting absent from a set (a file
+    written before it existed) has its default."""
     def plain(attrs, f):  # HDF5 gives numpy scalars back
         v = attrs.get(f.name, f.default)
         return v.item() if hasattr(v, "item") else v
     return [f.name for f in dataclasses.fields(ExtractSettings)
             if (keys is None or f.name in keys) and plain(stored, f) != plain(wanted, f)
-            and (f.name != "seed" or str(wanted.get("weights")) == "none")]
+            and (f.name != "seed" or str(wanted.get("weights")) == "none"
+                 or (int(wanted.get("views", 1)) > 1 and (keys is None or "views" in keys)))]
 
 
 def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
@@ -872,8 +878,7 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
     parts = tuple(parts)
     view_parts = [p for p in parts if p.endswith("_views")]
     if view_parts:
-        held = check_views(model_names, data_dir, views)
-        views = views or held
+        views = check_views(model_names, data_dir, views)
     split = read_split(data_dir)
     test_ids = laid_out_test_ids(data_dir)
     out, attrs, paths, file_ids = {"labelled": [], "test": [], "labelled_views": [], "test_views": []}, [], [], test_ids
@@ -900,28 +905,33 @@ def load_features(model_names: Sequence[str], data_dir: str | Path, parts: Itera
 
 
 def check_views(model_names: Sequence[str], data_dir: str | Path, views: int | None) -> int:
-    """Refuse feature files without `views` views (at least two when None), or whose views are not the same
-    transformations (another --seed); returns the number of views they hold in common."""
+    """Refuse feature files without `views` views (at least two when None: all they hold in common), or whose
+    views are not the same transformations (another --seed); returns the number of views used."""
     import h5py
-    first, held = None, []
+    states = {}
     for name in model_names:
         path = feature_path(data_dir, name)
-        state = feature_file_state(path) or {}
-        have = int(state.get("views", 1))
-        need = views or 2
+        state = feature_file_state(path)
+        if state is None:
+            raise CatDogError(f"{path} is missing or incomplete: run 02_extract_features.py --models {name}")
+        have, need = int(state.get("views", 1)), views or 2
         if have < need:
             raise CatDogError(f"{path} holds {'no augmented views' if have == 1 else f'{have} views'}"
                               f" and {need} are needed: rerun 02_extract_features.py --models {name} --views "
-                              f"{max(need, 4 if views is None else need)} (or ask for fewer views)")
+                              f"{max(need, 4)} (or ask for fewer views)")
+        states[name] = state
+    used = views or min(int(st["views"]) for st in states.values())
+    first = None
+    for name, state in states.items():
+        path = feature_path(data_dir, name)
         with h5py.File(path, "r") as f:
-            params = f["train_view_params"][:need], f["test_view_params"][:need]
+            params = f["train_view_params"][:used], f["test_view_params"][:used]
         if first is not None and not all(np.array_equal(a, b) for a, b in zip(first[1], params, strict=True)):
-            raise CatDogError(f"{path}'s views are other transformations than {first[0]}'s (extracted with another "
-                              f"--seed): rerun 02_extract_features.py --models {name} --views {have} --seed of "
-                              f"{first[0].stem}")
-        first = first or (path, params)
-        held.append(have)
-    return min(held)
+            raise CatDogError(f"{path}'s views are other transformations than {first[0]}'s (extracted with --seed "
+                              f"{state.get('seed')} and {first[2]}): rerun 02_extract_features.py --models {name} "
+                              f"--views {state.get('views')} --seed {first[2]}")
+        first = first or (path, params, state.get("seed"))
+    return used
 
 
 # ==================== Heads =========================================================================================
