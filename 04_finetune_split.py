@@ -419,6 +419,7 @@ def main(args):
             base, input_shape, input_name = full, (settings.image_size,) * 2 + (3,), "image"
             meta = {"kind": "finetune_full", "features": [], "feature_attrs": [settings.attrs()]}
         meta["backbone"] = bb.name
+        meta["split_sha256"] = helper.split_fingerprint(args.data_dir)  # 07 --blend refuses other splits
         baseline = baseline_row(model_dir, settings, out_dir)
         initial = base.get_weights()  # every variant starts from the same pretrained block
         for init in inits:

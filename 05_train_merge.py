@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--params", metavar="JSON",
                    help="train with 06's best hyperparameters: its best.json (model/hyperopt/best.json) sets the "
                         "backbones, SGD with its learning rate, decay and momentum, the dropout, the batch size "
-                        "and the epochs of its best epoch")
+                        "the epochs of its best epoch and its --views")
     args = helper.resolve_head_args(p.parse_args(argv))
     if args.params and args.combos:
         p.error("--params gives one combination (06's backbones): drop --combos")
@@ -46,16 +46,26 @@ def apply_params(args) -> None:
         raise CatDogError(f"--params {path}: not a readable JSON file ({type(e).__name__}): give the best.json "
                           f"06_hyperopt_merge.py wrote (model/hyperopt/best.json)") from e
     keys = ("features", "lr", "decay", "momentum", "dropout")
-    if not isinstance(best, dict) or best.get("kind") != "hyperopt" or any(k not in best for k in keys):
-        raise CatDogError(f"--params {path}: not a best.json of 06_hyperopt_merge.py (it holds kind 'hyperopt' and "
-                          f"{', '.join(keys)}): give model/hyperopt/best.json")
-    args.models, args.optimizer = list(best["features"]), "sgd"
-    args.lr, args.decay, args.momentum, args.dropout = (float(best[k]) for k in ("lr", "decay", "momentum", "dropout"))
-    args.batch_size = int((best.get("args") or {}).get("batch_size", args.batch_size))
-    args.epochs = int(best.get("best_epoch") or best.get("epochs") or args.epochs)
+    trained = best.get("args") if isinstance(best, dict) else None
+    try:
+        if best.get("kind") != "hyperopt" or any(k not in best for k in keys) or not isinstance(trained, dict):
+            raise ValueError
+        models = [str(m) for m in best["features"]]
+        lr, decay, momentum, dropout = (float(best[k]) for k in ("lr", "decay", "momentum", "dropout"))
+        # The best trial's saved model is its best epoch's (kopt save_model='best'); an older best.json without
+        # it: the epochs run less the early-stopping patience that followed the best one.
+        epochs = int(best.get("best_epoch") or int(best["epochs"]) - int(trained.get("patience", 0)))
+        batch_size, views = int(trained.get("batch_size", args.batch_size)), int(trained.get("views", 1))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CatDogError(f"--params {path}: not a best.json of 06_hyperopt_merge.py (it holds kind 'hyperopt', "
+                          f"{', '.join(keys)}, epochs and args): give model/hyperopt/best.json") from None
+    args.models, args.optimizer, args.lr, args.decay, args.momentum, args.dropout = (
+        models, "sgd", lr, decay, momentum, dropout)
+    args.epochs, args.batch_size, args.views = max(1, epochs), batch_size, max(args.views, views)
     log.info(f"--params {path}: {'+'.join(args.models)}, SGD lr {args.lr:.5f}, decay {args.decay:.5f}, momentum "
-             f"{args.momentum}, dropout {args.dropout}, batch {args.batch_size}, {args.epochs} epochs "
-             f"(06's trial {best.get('trial')}: val_loss {best.get('val_loss')})")
+             f"{args.momentum}, dropout {args.dropout}, batch {args.batch_size}, {args.epochs} epochs"
+             + (f", {args.views} views" if args.views > 1 else "")
+             + f" (06's trial {best.get('trial')}: val_loss {best.get('val_loss')})")
 
 
 def main(args):

@@ -288,6 +288,7 @@ def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> p
         helper.write_csv(table.drop(columns="model_path"), out_dir / "trials.csv")
         plot_trials(table, out_dir / "val_loss_by_trial.png")
         sidecar = {"kind": "hyperopt", "features": feats.names, "feature_attrs": feats.attrs, "seed": args.seed,
+                   "split_sha256": helper.split_fingerprint(args.data_dir),
                    "trial": int(best.trial), "epochs": int(best.epochs), "best_epoch": int(best.best_epoch),
                    **{k: float(best[k]) for k in (*SPACE, "val_loss", "val_acc")}, **helper.versions()}
         with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:

@@ -202,20 +202,29 @@ def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> 
     """A K-fold folder's oof.csv and test.csv, or a saved model's predictions of the valid and test rows."""
     data_dir = Path(args.data_dir)
     if path.is_dir():
-        summary = json.loads((path / helper.KFOLD_SUMMARY).read_text())
-        if summary.get("split_sha256") != fingerprint:
+        try:
+            summary = json.loads((path / helper.KFOLD_SUMMARY).read_text())
+            oof, test = pd.read_csv(path / helper.OOF_CSV), pd.read_csv(path / helper.TEST_CSV)
+            oof, test = oof[["filename", "label", "fold", "prediction"]], test[["id", "prediction"]]
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:  # missing, garbled or foreign files
+            raise CatDogError(f"{path} is not a complete K-fold run ({type(e).__name__}: {str(e)[:120]}): rerun 03 or "
+                              f"05 with --folds") from e
+        if not isinstance(summary, dict) or summary.get("split_sha256") != fingerprint:
             raise CatDogError(f"{path} was trained on another split ({helper.SPLIT_CSV} changed since: 01 was rerun): "
                               f"retrain it with --folds, or leave it out of --blend")
         if args.tta:
             raise CatDogError(f"--tta: {path} is a K-fold model, whose stored test predictions have no views: "
                               f"drop --tta or leave it out of --blend")
-        oof, test = pd.read_csv(path / helper.OOF_CSV), pd.read_csv(path / helper.TEST_CSV)
         if set(test.id) != set(test_ids.tolist()):
             raise CatDogError(f"{path / helper.TEST_CSV} does not cover the test images on disk: retrain it")
         return Candidate(path.name, path, pd.Series(oof.prediction.to_numpy(), index=oof.filename.to_numpy()),
                          test.set_index("id").prediction.reindex(test_ids).to_numpy(), True)
     model, meta = helper.load_model(path)
-    if meta.get("split_sha256", fingerprint) != fingerprint:
+    check_judgeable(path, meta)
+    if "split_sha256" not in meta:  # saved before sidecars recorded it
+        log.warning(f"{path}'s sidecar does not record its split: it is judged on the valid rows of today's "
+                    f"{helper.SPLIT_CSV}, which is only honest if 01 was not rerun since it was trained")
+    elif meta["split_sha256"] != fingerprint:
         raise CatDogError(f"{path} was trained on another split ({helper.SPLIT_CSV} changed since: 01 was rerun): "
                           f"retrain it, or leave it out of --blend")
     feats, probs = helper.predict_saved(model, meta, path, data_dir, ("labelled", "test"), views=args.tta)
@@ -224,6 +233,13 @@ def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> 
     name = "hyperopt" if path.parent.name == helper.HYPEROPT_DIR else path.stem
     return Candidate(name, path, pd.Series(probs["labelled"][feats.valid], index=feats.files[feats.valid]),
                      pd.Series(probs["test"], index=feats.test_ids).reindex(test_ids).to_numpy(), False)
+
+
+def check_judgeable(path: Path, meta: dict) -> None:
+    """Refuse to judge one fold's model on the valid rows: most of them are in its training rows."""
+    if meta.get("fold"):
+        raise CatDogError(f"{path} is fold {meta['fold']} of a K-fold run, trained on most of split.csv's valid "
+                          f"rows: give its folder {path.parent} (the mean of its folds, judged out of fold)")
 
 
 def judged_rows(cands: list[Candidate], split: pd.DataFrame) -> tuple[np.ndarray, str]:
@@ -399,6 +415,12 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
         paths = [Path(args.model) if args.model else helper.pick_model(model_dir)[0]]
     fingerprint = helper.split_fingerprint(data_dir)
     cands = [load_candidate(p, args, test_ids, fingerprint) for p in paths]
+    names = [c.name for c in cands]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        where = ", ".join(str(c.source) for c in cands if c.name in twice)
+        raise CatDogError(f"--blend names {', '.join(twice)} more than once ({where}): blend models of different "
+                          f"names")
     rows, judged = judged_rows(cands, split)
     y = split.set_index("filename").label.reindex(rows).to_numpy(float)
     preds = np.column_stack([c.judged.reindex(rows).to_numpy(float) for c in cands])
@@ -441,7 +463,8 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
              f"clip {recipe.clip}, {judged} log loss {info['oof_log_loss']:.5f} (cross-fitted)")
     if args.analyze:
         out_dir = model_dir / helper.ANALYSIS_DIR
-        rows_table = pd.DataFrame({"filename": rows, "label": y.astype(int), "prediction": crossed["clipped"],
+        # Unclipped (calibrated) predictions: clipping would give every confident mistake the same loss.
+        rows_table = pd.DataFrame({"filename": rows, "label": y.astype(int), "prediction": crossed["calibrated"],
                                    "subset": judged})
         analyze(rows_table, data_dir, out_dir, args.top, recipe.clip)
         suspects(rows_table, data_dir, out_dir, args.suspect_loss, args.top, judged)
@@ -466,6 +489,8 @@ def main(args):
         path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
         model, meta = helper.load_model(path)
         log.info(f"model: {path} ({why})\n{describe(meta)}")
+        if args.analyze:
+            check_judgeable(path, meta)
         parts = ("labelled", "test") if args.analyze else ("test",)
         feats, probs = helper.predict_saved(model, meta, path, data_dir, parts, views=args.tta)
         plain = dict(probs)

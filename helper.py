@@ -1425,9 +1425,11 @@ def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64
     """Dog probabilities of images (or of their mirror images) for a model fine-tuned end to end (04 --mode
     full), fed as it was trained."""
     st = ExtractSettings.of(meta["feature_attrs"][0])
-    ds = image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder,
-                       preprocess=get_backbone(st.backbone).preprocess,
-                       params=view_params(st.seed, paths, 1) if mirror else None)
+    preprocess = get_backbone(st.backbone).preprocess
+    if mirror:  # flipping the resized image equals resizing the flipped one (the filters are symmetric)
+        def preprocess(x, plain=preprocess):
+            return plain(x[:, :, ::-1, :])
+    ds = image_dataset(paths, st.image_size, batch_size, st.interpolation, decoder=st.decoder, preprocess=preprocess)
     return np.asarray(model.predict(ds, verbose=0)).ravel()
 
 
