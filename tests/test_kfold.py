@@ -93,11 +93,11 @@ def test_folds_are_the_same_for_every_model(kfold):
     assert a.reindex(b.index).equals(b)
 
 
-def test_folds_1_is_refused():
-    with pytest.raises(SystemExit):
-        script("03").parse_args(["--folds", "1"])
-    with pytest.raises(SystemExit):
-        script("05").parse_args(["--folds", "1"])
+def test_folds_1_is_refused(capsys):
+    for number in ("03", "05"):
+        with pytest.raises(SystemExit):
+            script(number).parse_args(["--folds", "1"])
+        assert "--folds: 1 is not an integer >= 2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- blend, calibrate, clip
@@ -221,6 +221,18 @@ def test_blend_bad_input(kfold, tmp_path):
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "split_sha256": "0" * 64}))
     with pytest.raises(CatDogError, match="was trained on another split"):
         run("07", "--data-dir", kfold["data"], "--model-dir", other, "--output", tmp_path / "s.csv", "--blend", "auto")
+    # A single-split model of another split, and one fold's model (its training rows hold most valid rows).
+    meta_path = other / "single" / "ResNet50.json"
+    shutil.copy(kfold["model"] / "single" / f"ResNet50_k{FOLDS}" / "fold1.keras", other / "single" / "ResNet50.keras")
+    meta = json.loads((kfold["model"] / "single" / f"ResNet50_k{FOLDS}" / "fold1.json").read_text())
+    meta_path.write_text(json.dumps({**meta, "fold": None, "split_sha256": "1" * 64}))
+    with pytest.raises(CatDogError, match=r"ResNet50.keras was trained on another split"):
+        run("07", "--data-dir", kfold["data"], "--model-dir", other, "--output", tmp_path / "s.csv", "--blend",
+            "ResNet50")
+    fold = kfold["model"] / "single" / f"ResNet50_k{FOLDS}" / "fold1.keras"
+    for extra in (["--analyze"], ["--calibrate", "temperature"]):
+        with pytest.raises(CatDogError, match=r"fold1.keras is fold 1 of a K-fold run.*give its folder"):
+            run("07", *d, "--model", fold, "--output", tmp_path / "s.csv", *extra)
     # ... and K-fold models holding out other rows.
     shutil.copytree(kfold["model"] / "merge", other / "merge")
     summary.write_text(json.dumps({**json.loads(summary.read_text()),

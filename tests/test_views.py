@@ -89,6 +89,19 @@ def test_views_are_part_of_the_file_settings(viewed, caplog):
     assert "views=3, now 2" in helper.stale_reason(path, settings, split, ids)
 
 
+def test_views_of_another_seed_are_refused_together(viewed, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(viewed["data"] / "features", data / "features")
+    for name in (helper.SPLIT_CSV, helper.SPLIT_META):
+        shutil.copy(viewed["data"] / name, data / name)
+    with h5py.File(helper.feature_path(data, "Xception"), "r+") as f:  # as if extracted with another --seed
+        f["train_view_params"][2] = helper.view_params(7, [f"train/{n}" for n in f["train_files"][:].astype(str)], 2)
+    with pytest.raises(CatDogError, match=r"Xception.h5's views are other transformations than .*ResNet50.h5's"):
+        helper.check_views(["ResNet50", "Xception"], data, None)  # 07 --tta: every view is compared
+    assert helper.check_views(["ResNet50", "Xception"], data, 2) == 2  # views 0 and 1 do not depend on the seed
+
+
 def test_float16_views_are_the_plain_rows_rounded(tmp_path):
     d = ["--data-dir", tmp_path / "data", "--model-dir", tmp_path / "model"]
     run("01", *d, "--demo", 3)
