@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 import helper
-from helper import CLASSES, CatDogError, log
+from helper import CLASSES, CatDogError, log, log_loss
 
 
 def parse_args(argv=None):
@@ -64,19 +64,6 @@ def parse_args(argv=None):
     if args.kaggle_submit is not None and not args.kaggle_submit.strip():
         p.error("--kaggle-submit is empty: give a message describing the submission, e.g. \"merged head, seed 2018\"")
     return args
-
-
-def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] | None = None) -> float:
-    """Kaggle's binary log loss; with `clip`, predictions are first clipped as in the submission.
-
-    Without `clip` it guards log(0) the way sklearn does (float64 machine epsilon).
-    """
-    y = np.asarray(y_true, dtype=np.float64).ravel()
-    p = np.asarray(y_prob, dtype=np.float64).ravel()
-    eps = np.finfo(np.float64).eps
-    lo, hi = clip if clip else (eps, 1 - eps)
-    p = np.clip(p, lo, hi)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 # ----------------------------------------------------------------------------- blend, calibrate, clip on evidence

@@ -1538,8 +1538,7 @@ def train_kfold(name: str, feats: Features, args: argparse.Namespace, step: str)
     rows = fold >= 0
     oof_table = pd.DataFrame({"filename": feats.files[rows], "label": feats.labels[rows].astype(int),
                               "fold": fold[rows] + 1, "prediction": oof[rows]})
-    y, p = oof_table.label.to_numpy(float), np.clip(oof_table.prediction.to_numpy(float), 1e-15, 1 - 1e-15)
-    oof_loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    oof_loss = log_loss(oof_table.label, oof_table.prediction)  # as 07 judges it
     write_csv(oof_table, out_dir / OOF_CSV)
     write_csv(pd.DataFrame({"id": feats.test_ids, "prediction": test}), out_dir / TEST_CSV)
     summary = {**meta, "model": kname, "seed": args.seed, "oof_log_loss": oof_loss, "fold_val_loss": fold_rows,
@@ -1554,6 +1553,19 @@ def train_kfold(name: str, feats: Features, args: argparse.Namespace, step: str)
 # ==================== Submission ====================================================================================
 
 CLIP = (0.005, 0.995)
+
+
+def log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: tuple[float, float] | None = None) -> float:
+    """Kaggle's binary log loss; with `clip`, predictions are first clipped as in the submission.
+
+    Without `clip` it guards log(0) the way sklearn does (float64 machine epsilon).
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    eps = np.finfo(np.float64).eps
+    lo, hi = clip if clip else (eps, 1 - eps)
+    p = np.clip(p, lo, hi)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def validate_submission(df: pd.DataFrame, expected_ids: Sequence[int], clip: tuple[float, float]) -> None:
