@@ -918,7 +918,7 @@ def check_views(model_names: Sequence[str], data_dir: str | Path, views: int | N
         if have < need:
             raise CatDogError(f"{path} holds {'no augmented views' if have == 1 else f'{have} views'}"
                               f" and {need} are needed: rerun 02_extract_features.py --models {name} --views "
-                              f"{max(need, 4)} (or ask for fewer views)")
+                              f"{views or 4} (or ask for fewer views)")
         states[name] = state
     used = views or min(int(st["views"]) for st in states.values())
     first = None
