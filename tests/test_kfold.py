@@ -241,6 +241,9 @@ def test_blend_bad_input(kfold, tmp_path):
     pd.read_csv(oof).iloc[1:].to_csv(oof, index=False)
     with pytest.raises(CatDogError, match="were trained on different rows"):
         run("07", "--data-dir", kfold["data"], "--model-dir", other, "--output", tmp_path / "s.csv", "--blend", "auto")
+    summary.write_text("{")  # a broken K-fold folder
+    with pytest.raises(CatDogError, match=r"ResNet50_k3 is not a complete K-fold run \(JSONDecodeError"):
+        run("07", "--data-dir", kfold["data"], "--model-dir", other, "--output", tmp_path / "s.csv", "--blend", "auto")
 
 
 # ----------------------------------------------------------------------------- 05 --params
@@ -259,6 +262,9 @@ def test_05_trains_with_06s_best_parameters(pipeline, tmp_path):
     assert args["epochs"] == 3 and args["batch_size"] == 16
     history = pd.read_csv(models / "merge" / "ResNet50+Xception_k2" / "fold1.history.csv")
     assert len(history) == 3
+    path.write_text(json.dumps({**best, "args": {"batch_size": 16, "views": 3}}))  # 06 searched on 3 views
+    with pytest.raises(CatDogError, match=r"holds no augmented views and 3 are needed"):
+        run("05", "--data-dir", pipeline["data"], "--model-dir", models, "--params", path)
     path.write_text(json.dumps({"kind": "merge"}))
     with pytest.raises(CatDogError, match="not a best.json of 06_hyperopt_merge.py"):
         run("05", "--data-dir", pipeline["data"], "--model-dir", models, "--params", path)
