@@ -170,7 +170,7 @@ def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helpe
     # callbacks History, EarlyStopping, TensorBoard, ModelCheckpoint). This instance attribute sends that call
     # to helper.fit_arrays: Keras's results, in about half the time (benchmarks/heads_bench.md), with kopt
     # unchanged. It is not saved with the model.
-    head.fit = helper.fast_fit_method(head)
+    head.fit = fast_fit_method(head)
     sampler = getattr(train_data[0], "epoch_inputs", None)
     if sampler is not None:  # --views: each epoch, each row one of its views (validation: the plain rows)
         head.fit = functools.partial(fit_on_views, head.fit, sampler)
@@ -180,6 +180,41 @@ def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helpe
 def fit_on_views(fit, epoch_inputs, x=None, *args, **kwargs):
     """kopt passes data()'s train inputs as x: train on their views instead."""
     return fit(epoch_inputs, *args, **kwargs)
+
+
+# Keras fit's arguments that fit_arrays does not take, with the defaults fast_fit_method accepts for them.
+KERAS_FIT_DEFAULTS = {"validation_split": 0.0, "class_weight": None, "sample_weight": None, "steps_per_epoch": None,
+                      "validation_steps": None, "validation_freq": 1}
+
+
+def fast_fit_method(model):
+    """A stand-in for `model.fit`, for code that calls it itself (kopt's CompileFN): what fit_arrays can run
+    (arrays to train and validate on, none of KERAS_FIT_DEFAULTS' arguments changed) it runs, anything else goes to
+    Keras's own fit."""
+    keras_fit = model.fit
+
+    def arrays(a) -> bool:
+        return isinstance(a, np.ndarray) or (isinstance(a, (list, tuple)) and len(a) > 0
+                                             and all(isinstance(b, np.ndarray) for b in a))
+
+    def fit(x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_data=None,
+            shuffle=True, initial_epoch=0, validation_batch_size=None, **others):
+        mine = dict(batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+                    validation_data=validation_data, shuffle=shuffle, initial_epoch=initial_epoch,
+                    validation_batch_size=validation_batch_size)
+        plain = all(k in KERAS_FIT_DEFAULTS and (v is None if KERAS_FIT_DEFAULTS[k] is None else
+                                                 isinstance(v, (int, float)) and v == KERAS_FIT_DEFAULTS[k])
+                    for k, v in others.items())
+        valid_ok = validation_data is None or (isinstance(validation_data, (list, tuple)) and len(validation_data) == 2
+                                               and arrays(validation_data[0])
+                                               and isinstance(validation_data[1], np.ndarray))
+        inputs_ok = callable(x) or arrays(x)  # a callable: epoch -> inputs (06 --views)
+        if plain and valid_ok and inputs_ok and isinstance(y, np.ndarray) and isinstance(shuffle, bool):
+            return helper.fit_arrays(model, x, y, **mine)
+        return keras_fit(x, y, **mine, **others)
+
+    return fit
+
 
 
 # ----------------------------------------------------------------------------- saved state

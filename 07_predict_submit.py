@@ -5,6 +5,9 @@ single head (lowest val_loss in their results.csv). Predictions are clipped to [
 confident mistake costs far more log loss than confidence gains. --analyze shows the worst-predicted
 labelled images, like the report's section IV, and where the model looked (08's export). --kaggle-submit
 MESSAGE then uploads the checked submission to Kaggle (needs API credentials, checked before any work).
+Beyond the report: --tta averages feature views (02 --views); --blend, --calibrate temperature and --clip auto
+fit weights, a temperature and the clip bound on out-of-fold (else valid) predictions, write <output stem>.json,
+and with --analyze the suspects list model/analysis/suspects.txt.
 """
 
 import dataclasses
@@ -282,6 +285,13 @@ def labelled_table(feats: helper.Features, probs: np.ndarray) -> pd.DataFrame:
                          "subset": np.where(feats.valid, "valid", "train")})
 
 
+def train_image_id(name: str) -> str:
+    """What names a labelled image in titles: Kaggle's id (`cat.123.jpg` -> '123'), else the file name's stem
+    (an image of 01 --extra-data, `Abyssinian_1.jpg` -> 'Abyssinian_1')."""
+    parsed = helper.parse_train_name(name)
+    return str(parsed[1]) if parsed else Path(name).stem
+
+
 def image_grid(rows: pd.DataFrame, data_dir: Path, path: Path, top: int) -> None:
     """The images of `rows` (filename, label, prediction), `top` at most, titled class_number_prediction."""
     from PIL import Image
@@ -294,7 +304,7 @@ def image_grid(rows: pd.DataFrame, data_dir: Path, path: Path, top: int) -> None
     for ax, r in zip(axes.ravel(), rows.head(top).itertuples(), strict=False):  # grid may have spare cells
         with Image.open(data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename) as im:
             ax.imshow(im.convert("RGB"))
-        ax.set_title(f"{CLASSES[r.label]}_{helper.train_image_id(r.filename)}_{r.prediction:.4f}", fontsize=9)
+        ax.set_title(f"{CLASSES[r.label]}_{train_image_id(r.filename)}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, path)
 
 

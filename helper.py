@@ -207,13 +207,6 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def train_image_id(name: str) -> str:
-    """What names a labelled image in titles: Kaggle's id (`cat.123.jpg` -> '123'), else the file name's stem
-    (an image of 01 --extra-data, `Abyssinian_1.jpg` -> 'Abyssinian_1')."""
-    parsed = parse_train_name(name)
-    return str(parsed[1]) if parsed else Path(name).stem
-
-
 # ==================== Splitting =====================================================================================
 
 SPLIT_COLUMNS = ("filename", "label", "subset", "source")
@@ -785,10 +778,11 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
     split, parts, ids = image_parts(data_dir)
     attrs = {**settings.attrs(), **versions()}
     params = {part: np.stack([view_params(settings.seed, [f"{part}/{Path(p).name}" for p in paths], v)
-                              for v in range(settings.views)]) for part, paths in parts.items()}
+                              for v in range(settings.views)]) for part, paths in parts.items()
+              } if settings.views > 1 else None
     try:
-        with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs,
-                           params if settings.views > 1 else None, settings.views_dtype) as writer:
+        with FeatureWriter(out_path, split.filename, split.label, ids, shape, settings.dtype, attrs, params,
+                           settings.views_dtype) as writer:
             for view, (part, paths) in itertools.product(range(settings.views), parts.items()):
                 ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
                                    settings.jpeg_draft, decoder=settings.decoder, params=params[part][view] if view
@@ -1187,40 +1181,6 @@ def fit_arrays(model, x, y, *, batch_size: int | None = None, epochs: int = 1, v
     return model.history
 
 
-# Keras fit's arguments that fit_arrays does not take, with the defaults fast_fit_method accepts for them.
-KERAS_FIT_DEFAULTS = {"validation_split": 0.0, "class_weight": None, "sample_weight": None, "steps_per_epoch": None,
-                      "validation_steps": None, "validation_freq": 1}
-
-
-def fast_fit_method(model) -> Callable:
-    """A stand-in for `model.fit`, for code that calls it itself (kopt's CompileFN): what fit_arrays can run
-    (arrays to train and validate on, none of KERAS_FIT_DEFAULTS' arguments changed) it runs, anything else goes to
-    Keras's own fit."""
-    keras_fit = model.fit
-
-    def arrays(a) -> bool:
-        return isinstance(a, np.ndarray) or (isinstance(a, (list, tuple)) and len(a) > 0
-                                             and all(isinstance(b, np.ndarray) for b in a))
-
-    def fit(x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_data=None,
-            shuffle=True, initial_epoch=0, validation_batch_size=None, **others):
-        mine = dict(batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
-                    validation_data=validation_data, shuffle=shuffle, initial_epoch=initial_epoch,
-                    validation_batch_size=validation_batch_size)
-        plain = all(k in KERAS_FIT_DEFAULTS and (v is None if KERAS_FIT_DEFAULTS[k] is None else
-                                                 isinstance(v, (int, float)) and v == KERAS_FIT_DEFAULTS[k])
-                    for k, v in others.items())
-        valid_ok = validation_data is None or (isinstance(validation_data, (list, tuple)) and len(validation_data) == 2
-                                               and arrays(validation_data[0])
-                                               and isinstance(validation_data[1], np.ndarray))
-        inputs_ok = callable(x) or arrays(x)  # a callable: epoch -> inputs (06 --views)
-        if plain and valid_ok and inputs_ok and isinstance(y, np.ndarray) and isinstance(shuffle, bool):
-            return fit_arrays(model, x, y, **mine)
-        return keras_fit(x, y, **mine, **others)
-
-    return fit
-
-
 def _as_tensor(a):
     """An array as a tensor, floats as Keras's floatx (as Keras's fit feeds them)."""
     import keras
@@ -1281,24 +1241,33 @@ def _run_batches(step, n: int, batch_size: int, xs: tuple, y, order) -> None:
         batch(full * batch_size, rest)
 
 
-def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
-    """03's and 05's run: the report's head on `feats` (one input per backbone), trained on split.csv's train
-    rows and validated on its valid rows, then saved by finish_run under <model-dir>/<step>/ (step: SINGLE_DIR
-    or MERGE_DIR, also the sidecar's kind). Returns (model, results row)."""
+def fit_head(name: str, feats: Features, args: argparse.Namespace, trained: np.ndarray, held: np.ndarray,
+             out_dir: Path, log_dir: Path, seed: int, meta: dict):
+    """One head of 03/05: the report's head on `feats` (one input per backbone), built with `seed`, trained on the
+    labelled rows `trained` (each epoch one of their views with --views) and validated on the rows `held`, then
+    saved by finish_run as <out_dir>/<name>.keras with `meta`. Returns (model, results row)."""
     dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
     optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.decay, args.rho)
-    model = build_head(dims, args.dropout, optimizer, args.seed)
-    (xtr, ytr), (xva, yva) = feats.subset("train"), feats.subset("valid")
-    valid = (model_inputs(xva), yva)
-    if args.views > 1:
-        xtr = view_sampler(feats.labelled_views, np.flatnonzero(~feats.valid), args.seed)
-    else:
-        xtr = model_inputs(xtr)
-    log_dir = Path(args.model_dir) / LOGS_DIR / step / name
-    hist = fit(model, (xtr, ytr), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
-    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs,
+    model = build_head(dims, args.dropout, optimizer, seed)
+    valid = (model_inputs([x[held] for x in feats.labelled]), feats.labels[held])
+    xtr = (view_sampler(feats.labelled_views, trained, seed) if args.views > 1
+           else model_inputs([x[trained] for x in feats.labelled]))
+    hist = fit(model, (xtr, feats.labels[trained]), valid, args.epochs, [tensorboard(log_dir)], args.batch_size)
+    return model, finish_run(name, model, hist, valid, out_dir, args, meta)
+
+
+def head_meta(feats: Features, args: argparse.Namespace, step: str) -> dict:
+    """The sidecar entries a head of 03/05 needs (its kind, features and split), for 04 and 07."""
+    return {"kind": step, "features": feats.names, "feature_attrs": feats.attrs,
             "split_sha256": split_fingerprint(args.data_dir)}
-    return model, finish_run(name, model, hist, valid, Path(args.model_dir) / step, args, meta)
+
+
+def train_head(name: str, feats: Features, args: argparse.Namespace, step: str):
+    """03's and 05's run: fit_head on split.csv's train rows, validated on its valid rows, saved under
+    <model-dir>/<step>/ (step: SINGLE_DIR or MERGE_DIR, also the sidecar's kind). Returns (model, results row)."""
+    return fit_head(name, feats, args, np.flatnonzero(~feats.valid), np.flatnonzero(feats.valid),
+                    Path(args.model_dir) / step, Path(args.model_dir) / LOGS_DIR / step / name, args.seed,
+                    head_meta(feats, args, step))
 
 
 def finish_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, args: argparse.Namespace,
@@ -1517,22 +1486,16 @@ def train_kfold(name: str, feats: Features, args: argparse.Namespace, step: str)
     out_dir = Path(args.model_dir) / step / kname
     fold = fold_assignment(feats.labels, args.folds, args.seed, kaggle_rows(args.data_dir))
     (out_dir / KFOLD_SUMMARY).unlink(missing_ok=True)  # until the new one is written, the folder is unfinished
-    dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
     oof, test, fold_rows = np.full(len(fold), np.nan), np.zeros(len(feats.test_ids)), []
-    meta = {"kind": step, "features": feats.names, "feature_attrs": feats.attrs, "folds": args.folds,
-            "split_sha256": split_fingerprint(args.data_dir)}
+    meta = {**head_meta(feats, args, step), "folds": args.folds}
     for k in range(args.folds):
         held, trained = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
         log.info(f"{kname}: fold {k + 1}/{args.folds}: training on {len(trained)} rows, validating on {len(held)}")
-        model = build_head(dims, args.dropout, make_optimizer(args.optimizer, args.lr, args.momentum, args.decay,
-                                                              args.rho), args.seed + k)
-        valid = (model_inputs([x[held] for x in feats.labelled]), feats.labels[held])
-        xtr = (view_sampler(feats.labelled_views, trained, args.seed + k) if args.views > 1
-               else model_inputs([x[trained] for x in feats.labelled]))
-        hist = fit(model, (xtr, feats.labels[trained]), valid, args.epochs,
-                   [tensorboard(Path(args.model_dir) / LOGS_DIR / step / kname / f"fold{k + 1}")], args.batch_size)
-        row = finish_run(f"fold{k + 1}", model, hist, valid, out_dir, args, {**meta, "fold": k + 1})
-        oof[held] = np.asarray(model.predict(valid[0], batch_size=256, verbose=0)).ravel()
+        model, row = fit_head(f"fold{k + 1}", feats, args, trained, held, out_dir,
+                              Path(args.model_dir) / LOGS_DIR / step / kname / f"fold{k + 1}", args.seed + k,
+                              {**meta, "fold": k + 1})
+        oof[held] = np.asarray(model.predict(model_inputs([x[held] for x in feats.labelled]), batch_size=256,
+                                             verbose=0)).ravel()
         test += feats.predict(model, "test") / args.folds
         fold_rows.append(row["val_loss"])
     rows = fold >= 0

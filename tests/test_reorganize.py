@@ -539,8 +539,8 @@ def test_parse_extra_name(name, expected):
 
 
 def test_train_image_id_names_both_sources():
-    assert helper.train_image_id("cat.123.jpg") == "123" and helper.train_image_id("cat.007.jpg") == "7"
-    assert helper.train_image_id("Abyssinian_1.jpg") == "Abyssinian_1"
+    assert script("07").train_image_id("cat.123.jpg") == "123" and script("07").train_image_id("cat.007.jpg") == "7"
+    assert script("07").train_image_id("Abyssinian_1.jpg") == "Abyssinian_1"
 
 
 @pytest.mark.parametrize("form", ["dataset", "images"])
