@@ -14,14 +14,12 @@ Entries are symbolic links unless --copy. A rerun with the same settings changes
 
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +39,6 @@ CHECK_COLUMNS = {"folder": str, "name": str, "bytes": "int64", "mtime_ns": "int6
 # nanosecond mtimes and so miss the cache on every run.
 NO_FACTS = {column: "" if kind is str else 0 for column, kind in CHECK_COLUMNS.items()}
 DERIVED = (helper.TRAIN2, helper.SPLITTED, str(helper.TEST2.parent))
-DEMO_MARKER = ".demo.json"
 EXTRA = "oxford-pets"  # split.csv's source, and the folder key in the check cache, of --extra-data's images
 EXTRA_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
 # Oxford-IIIT Pet's names: Breed_N.jpg, cat breeds capitalised (Abyssinian_1.jpg), dog breeds not
@@ -73,20 +70,6 @@ def parse_args(argv=None):
     if args.download and args.demo:
         p.error("--download and --demo exclude each other: --demo generates its own data; give one of them")
     return args
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON object this step wrote, or None when missing; unreadable counts as missing, with a warning."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except ValueError:  # empty, garbled or not UTF-8
-        obj = None
-    if not isinstance(obj, dict):
-        log.warning(f"{path} is not a JSON object written by this step: treated as absent")
-        return None
-    return obj
 
 
 def no_space(where: Path, doing: str, need: int, hint: str = "") -> CatDogError:
@@ -159,125 +142,6 @@ def read_name_list(path: str | Path) -> list[str]:
     return names
 
 
-def stratified_split(labels: Sequence[int], valid_frac: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: the same fraction of each class, fixed by `seed`.
-
-    Depends only on the row order and the labels, so it is stable across runs and machines.
-    """
-    if not 0 < valid_frac < 1:
-        raise CatDogError(f"--valid-frac must be between 0 and 1, got {valid_frac}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    valid = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        n_valid = int(round(len(rows) * valid_frac))
-        valid[rng.permutation(rows)[:n_valid]] = True
-    return valid
-
-
-# ----------------------------------------------------------------------------- demo data
-
-def demo_image(rng: np.random.Generator, label: int, width: int, height: int):
-    """A noisy photo-like image: warm background and ellipses for cats, cool and boxes for dogs.
-
-    The colour and shape differ enough that even random-weight CNN features separate the
-    classes, while noise and overlap keep it from being trivially perfect.
-    """
-    from PIL import Image, ImageDraw
-
-    base = np.array([190, 120, 70] if label == 0 else [80, 120, 190], dtype=float)
-    colour = np.clip(base + rng.normal(0, 35, 3), 0, 255)
-    img = np.clip(colour + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-    im = Image.fromarray(img)
-    draw = ImageDraw.Draw(im)
-    for _ in range(rng.integers(1, 4)):
-        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
-        x1, y1 = x0 + rng.integers(width // 6, width // 2), y0 + rng.integers(height // 6, height // 2)
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if label == 0 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-    return im
-
-
-def demo_size(rng: np.random.Generator) -> tuple[int, int]:
-    """Width and height like Kaggle's photos: at most 500 px, aspect mostly 1:2 to 2:1, often 4:3."""
-    long_side = int(rng.integers(250, 501))
-    aspect = float(rng.choice([4 / 3, 3 / 4, 1.0, rng.uniform(0.5, 2.0)]))
-    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
-    return int(w), int(h)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def not_generated(data_dir: Path, generated: dict[str, str]) -> str | None:
-    """The first entry under train/ or test/ that the demo did not write, or that changed since; None if none."""
-    for sub in ("train", "test"):
-        folder = data_dir / sub
-        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            return sub
-        if not folder.is_dir():
-            continue
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            rel = f"{sub}/{entry.name}"
-            # Checked by content too: a user's photo copied over a generated name is the user's.
-            if (rel not in generated or not entry.is_file(follow_symlinks=False)
-                    or sha256(Path(entry.path)) != generated[rel]):
-                return rel
-    return None
-
-
-def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = helper.DEFAULT_SEED) -> Path:
-    """Write a demo dataset in Kaggle's layout: train/{cat,dog}.N.jpg, test/N.jpg, plus test truth.
-
-    Quirks of the real data are included: cat.0 is over 1000 px wide and dog.1 is grayscale.
-    `demo_test_labels.csv` keeps the test labels so a demo submission can be scored. The marker
-    .demo.json records every file written and its sha256: a later --demo N replaces those and refuses to
-    run if train/ or test/ hold anything else, so it can never delete the user's images.
-    """
-    if n_per_class < 2:
-        raise CatDogError("--demo needs at least 2 images per class")
-    data_dir = Path(data_dir)
-    marker = data_dir / DEMO_MARKER
-    spec = {"n_per_class": n_per_class, "seed": seed}
-    old = read_json(marker) or {}
-    generated = old.get("files") if isinstance(old.get("files"), dict) else {}
-    if {k: old.get(k) for k in spec} == spec and all((data_dir / r).is_file() for r in generated):
-        log.info(f"demo data in {data_dir} already made with {spec}: kept")
-        return data_dir
-    stray = not_generated(data_dir, generated)
-    if stray:
-        raise CatDogError(f"{data_dir / stray} is not demo data (--demo did not write it, or it changed since): "
-                          "--demo replaces only the files it wrote; use an empty --data-dir for --demo")
-    for rel in generated:
-        (data_dir / rel).unlink(missing_ok=True)
-    files = {}
-
-    def save(im, rel: str) -> None:
-        with helper.atomic_path(data_dir / rel) as tmp:
-            im.save(tmp, format="JPEG", quality=85)
-        files[rel] = sha256(data_dir / rel)
-        # Kept current (without the settings until the end), so an interrupted run can still be replaced.
-        helper.write_json({"files": files}, marker)
-
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        for i in range(n_per_class):
-            w, h = (1100, 800) if (label, i) == (0, 0) else demo_size(rng)
-            im = demo_image(rng, label, w, h)
-            save(im.convert("L") if (label, i) == (1, 1) else im, f"train/{name}.{i}.jpg")
-    n_test = max(2, n_per_class // 2)
-    truth = rng.integers(0, 2, n_test)
-    for i, label in enumerate(truth, start=1):
-        save(demo_image(rng, int(label), *demo_size(rng)), f"test/{i}.jpg")
-    helper.write_csv(pd.DataFrame({"id": np.arange(1, n_test + 1), "label": truth}),
-                     data_dir / "demo_test_labels.csv")
-    helper.write_json({**spec, "files": files}, marker)
-    log.info(f"demo data: {2 * n_per_class} labelled and {n_test} test images written to {data_dir}")
-    return data_dir
-
-
 # ----------------------------------------------------------------------------- download from Kaggle
 
 KAGGLE_FILES = ("train.zip", "test.zip")
@@ -334,7 +198,7 @@ def ensure_folder(data: Path, sub: str) -> Path:
     if not archive.is_file():
         raise CatDogError(f"neither {folder}/ nor {archive} found: download train.zip and test.zip of "
                           f"dogs-vs-cats-redux-kernels-edition from Kaggle into {data}/ (or use --demo N)")
-    remove_stale_temps(data, f".{sub}.extracting.*")
+    helper.remove_stale_temps(data, f".{sub}.extracting.*")
     tmp = helper.temp_name(data / f"{sub}.extracting")  # this process's own: two runs never share one
     try:
         extract(archive, tmp)
@@ -374,22 +238,6 @@ def extra_images(checks: pd.DataFrame, folder: Path, given: str) -> tuple[pd.Dat
                           f"Abyssinian_1.jpg or yorkshire_terrier_5.jpg): give the unpacked dataset (images.tar.gz "
                           f"of {EXTRA_URL}), which holds images/, or that images/ folder")
     return checks[is_image].reset_index(drop=True), others
-
-
-def remove_stale_temps(data: Path, pattern: str) -> None:
-    """Remove temp folders (named by helper.temp_name: `.<name>.<pid>.<n>.partial`) left by runs that are no
-    longer alive (killed, or the machine restarted); those of a running process are its own business."""
-    for tmp in data.glob(pattern):
-        pid = tmp.name.split(".")[-3]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:  # alive, under another user
-                continue
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def extract(archive: Path, into: Path) -> None:
@@ -513,7 +361,7 @@ def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataF
     order = sorted(range(len(parsed)), key=lambda i: parsed[i])
     split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
                           "label": [parsed[i][0] for i in order]})
-    split["subset"] = np.where(stratified_split(split.label, valid_frac, seed), "valid", "train")
+    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed), "valid", "train")
     counts = split.groupby(["subset", "label"]).size()
     parts = {(s, lab): int(counts.get((s, lab), 0)) for s in ("train", "valid") for lab in range(len(CLASSES))}
     if min(parts.values()) == 0:
@@ -570,7 +418,7 @@ def layout_matches(data: Path, plan: dict[str, Path], copy: bool) -> bool:
 
 def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
     """Build the derived folders beside the old ones, then swap them in: no stale entry survives."""
-    remove_stale_temps(data, ".reorganize.*")
+    helper.remove_stale_temps(data, ".reorganize.*")
     tmp = helper.temp_name(data / "reorganize")  # this process's own: two runs never share one
     try:
         for rel, src in tqdm(plan.items(), desc="linking" if not copy else "copying", unit="file",
@@ -644,7 +492,7 @@ def main(args):
     if args.download:
         download(data)
     if args.demo:
-        make_demo_dataset(data, args.demo, args.seed)
+        helper.make_demo_dataset(data, args.demo, args.seed)
     folders = {sub: ensure_folder(data, sub) for sub in ("train", "test")}
     if extra:
         folders[EXTRA] = extra
@@ -677,8 +525,8 @@ def main(args):
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
     meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
     plan = planned_entries(data, split, test_names, folders.get(EXTRA))
-    old_meta = read_json(meta_path)
-    if (old_meta == meta and split_path.is_file() and sha256(split_path) == meta["split_sha256"]
+    old_meta = helper.read_json(meta_path)
+    if (old_meta == meta and split_path.is_file() and helper.file_sha256(split_path) == meta["split_sha256"]
             and layout_matches(data, plan, args.copy)):
         log.info(f"{data}/ is already organized with these settings: nothing changed")
     else:

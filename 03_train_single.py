@@ -3,9 +3,11 @@
 Trains on split.csv's train rows, validates on its valid rows. Writes model/single/<Model>.keras (with its
 sidecar <Model>.json), <Model>.history.csv, results.csv (the report's first table: val_loss of each saved
 model), val_loss.png, TensorBoard runs under model/logs/single/<Model>/, and submissions/<Model>.csv.
---folds K trains K heads instead (see helper.train_kfold): model/single/<Model>_k<K>/ and submissions/<Model>_k<K>.csv.
+--folds K trains K heads instead (catdog/heads.py, train_kfold): model/single/<Model>_k<K>/ and
+submissions/<Model>_k<K>.csv.
 """
 
+import argparse
 from pathlib import Path
 
 import helper
@@ -19,11 +21,11 @@ def parse_args(argv=None):
     helper.head_args(p, epochs=10)
     helper.views_arg(p)
     helper.kfold_args(p)
-    p.add_argument("--predict", action=helper.argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
                    help="also write submissions/<Model>.csv")
     p.add_argument("--submissions-dir", default="submissions", help="where the per-model CSVs go")
     helper.clip_args(p)
-    args = helper.resolve_head_args(p.parse_args(argv))
+    args = helper.parse_head_args(p, argv)
     helper.clip_range(p, args)
     return args
 
@@ -45,17 +47,18 @@ def main(args):
         for name in names:
             stem = helper.kfold_name(name, args.folds) if args.folds else name
             helper.check_writable_target(Path(args.submissions_dir) / f"{stem}.csv")
-    out_dir = Path(args.model_dir) / helper.SINGLE_DIR
+    config = helper.HeadConfig.of(vars(args))
+    out = helper.Output(Path(args.model_dir), helper.SINGLE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
     results = None
     for name in names:
-        feats = helper.load_features([name], args.data_dir, **helper.head_parts(args))
+        feats = helper.load_features([name], args.data_dir, **config.feature_parts())
         if args.folds:
-            row, test = helper.train_kfold(name, feats, args, helper.SINGLE_DIR)
+            row, test = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir))
         else:
-            model, row = helper.train_head(name, feats, args, helper.SINGLE_DIR)
+            model, row = helper.train_head(name, feats, config, out)
             test = feats.predict(model, "test")
         # Each row right after its model is saved, so results.csv always describes the models on disk.
-        results = helper.write_results([row], out_dir, "single backbones: val_loss of each saved model"
+        results = helper.write_results([row], out.folder, "single backbones: val_loss of each saved model"
                                        + (" (K-fold rows: out-of-fold)" if args.folds else ""), show=name == names[-1])
         if args.predict:
             helper.write_submission(feats.test_ids, test, Path(args.submissions_dir) / f"{row['model']}.csv",

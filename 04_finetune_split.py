@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--load", default="auto", choices=["auto", "ram", "stream"],
                    help="maps in RAM, streamed from HDF5, or auto: RAM if they fit in half the available memory")
     p.add_argument("--force", action="store_true", help="recompute the maps cache even if it is complete")
-    return helper.resolve_head_args(p.parse_args(argv))
+    return helper.parse_head_args(p, argv)
 
 
 # ----------------------------------------------------------------------------- the split model
@@ -106,6 +106,14 @@ def maps_name(backbone: str, layer: str) -> str:
     return f"{backbone}_{layer}_maps"
 
 
+def all_layers(model):
+    """Every layer inside `model`, those of nested models too, each before its own layers."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(getattr(layer, "layers", None), list):  # a nested Model or Sequential
+            yield from all_layers(layer)
+
+
 def freeze_batchnorm(model) -> int:
     """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
 
@@ -114,7 +122,7 @@ def freeze_batchnorm(model) -> int:
     Returns how many layers were frozen.
     """
     import keras
-    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    bns = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in bns:
         layer.trainable = False
     return len(bns)
@@ -125,7 +133,7 @@ def set_block_trainable(model, base, block, train_block: bool) -> None:
     trains, BatchNorm never does. Recompile the model afterwards."""
     model.trainable = True
     inside = set(map(id, block))
-    for layer in base._flatten_layers(include_self=False):
+    for layer in all_layers(base):
         layer.trainable = train_block and id(layer) in inside
     freeze_batchnorm(model)
 
@@ -135,9 +143,9 @@ def classifier(base, input_shape, input_name: str, dropout: float, name: str):
     import keras
     inp = keras.Input(input_shape, name=input_name)
     x = base(inp)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=helper.POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout)(x)
-    out = keras.layers.Dense(1, activation="sigmoid", name="prediction")(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name=helper.PREDICTION_LAYER)(x)
     return keras.Model(inp, out, name=name)
 
 
@@ -179,11 +187,11 @@ class MapRows:
     close() (or a `with` block) closes it.
     """
 
-    def __init__(self, path: Path, part: str = "train", in_ram: bool = False):
+    def __init__(self, path: Path, part: str = "labelled", in_ram: bool = False):
         import h5py
         self.path, self.part, self.in_ram = Path(path), part, in_ram
         with h5py.File(self.path, "r") as f:
-            ds = f[part]
+            ds = helper.dataset(f, part)
             self.shape, self.dtype = ds.shape, ds.dtype
             self.array = ds[:] if in_ram else None
         self._file = self._ds = None
@@ -201,7 +209,7 @@ class MapRows:
             if self._ds is None:
                 import h5py
                 self._file = h5py.File(self.path, "r")
-                self._ds = self._file[self.part]
+                self._ds = helper.dataset(self._file, self.part)
             # Single-row reads over sorted rows: h5py's fancy indexing on the same rows is ~10-30x slower.
             out = np.empty((len(rows), *self.shape[1:]), self.dtype)
             for j, i in enumerate(rows):
@@ -292,12 +300,13 @@ def open_maps(path: Path, args) -> MapRows:
     """The cached training maps, in RAM or streamed (see --load)."""
     import h5py
     with h5py.File(path, "r") as f:
-        need = f["train"].size * f["train"].dtype.itemsize
+        maps = helper.dataset(f, "labelled")
+        need = maps.size * maps.dtype.itemsize
     avail = available_memory()
     in_ram = args.load == "ram" or (args.load == "auto" and need <= avail / 2)
     log.info(f"train maps: {need / 2**20:,.1f} MiB, {avail / 2**20:,.0f} MiB available: "
              + ("loading them into RAM" if in_ram else f"streaming them from {path}"))
-    return MapRows(path, "train", in_ram)
+    return MapRows(path, "labelled", in_ram)
 
 
 def map_data(source: MapRows, split: pd.DataFrame, args):
@@ -361,29 +370,29 @@ def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
     helper.check_same_settings(meta["feature_attrs"][0], settings.attrs(), f"--init baseline: {path}",
                                "this run", "run 04 with the head's settings, or retrain 03 with these",
                                NETWORK_SETTINGS)
-    return head.get_layer("prediction").get_weights()
+    return head.get_layer(helper.PREDICTION_LAYER).get_weights()
 
 
-def train_variant(model, base, block, train, val, args, log_dir: Path, init: str) -> tuple[pd.DataFrame, int]:
+def fit_phases(model, base, block, train, val, args, config: helper.HeadConfig, log_dir: Path, init: str
+               ) -> tuple[pd.DataFrame, int]:
     """The report's schedule: (warmup: head alone first), then block + head with early stopping.
 
     Returns the history (with a `phase` column) and the epoch whose weights the model now holds."""
     import keras
     tb = helper.tensorboard(log_dir)
-    warmup = min(args.warmup_epochs, args.epochs - 1) if init == "warmup" else 0
+    warmup = min(args.warmup_epochs, config.epochs - 1) if init == "warmup" else 0
     if init == "warmup" and warmup < args.warmup_epochs:
-        log.info(f"warmup shortened to {warmup} epoch(s) to fit --epochs {args.epochs}")
+        log.info(f"warmup shortened to {warmup} epoch(s) to fit --epochs {config.epochs}")
     stop = keras.callbacks.EarlyStopping("val_loss", patience=args.patience, restore_best_weights=True, verbose=1)
     # tf.data (--mode full) reshuffles per iteration from its seed by itself; the maps batches need telling.
     order = [epoch_order(train)] if hasattr(train, "set_epoch") else []
     histories = []
-    for phase, first, last in (("head", 0, warmup), ("block", warmup, args.epochs)):
+    for phase, first, last in (("head", 0, warmup), ("block", warmup, config.epochs)):
         if last <= first:
             continue
         set_block_trainable(model, base, block, phase == "block")  # BatchNorm frozen last, every time
         # A fresh optimizer per phase, as the report's two compile() calls had.
-        model.compile(helper.make_optimizer(args.optimizer, args.lr, args.momentum, args.decay, args.rho),
-                      "binary_crossentropy", metrics=["accuracy"])
+        model.compile(config.make_optimizer(), "binary_crossentropy", metrics=["accuracy"])
         log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if phase == "block" else "head only")
                  + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights")
         h = helper.fit(model, train, val, last, [tb, *order] + ([stop] if phase == "block" else []),
@@ -397,7 +406,7 @@ def train_variant(model, base, block, train, val, args, log_dir: Path, init: str
 def main(args):
     bb = helper.get_backbone(args.model)
     split = helper.read_split(args.data_dir)
-    model_dir, out_dir = Path(args.model_dir), Path(args.model_dir) / helper.FINETUNE_DIR
+    model_dir = Path(args.model_dir)
     args.image_size = args.image_size or bb.size  # resolved, so the sidecar's args hold what was used
     helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
     full = bb.build(args.weights, args.image_size, pooling=None)
@@ -413,14 +422,17 @@ def main(args):
             maps, path = cache_maps(extractor, settings, split, args)
             source = stack.enter_context(open_maps(path, args))
             base, input_shape, input_name = tail, tail.input_shape[1:], "maps"
-            meta = {"kind": "finetune", "features": [maps], "feature_attrs": [helper.feature_file_state(path)]}
+            meta = {"features": [maps], "feature_attrs": [helper.feature_file_state(path)]}
         else:
             source = None
             base, input_shape, input_name = full, (settings.image_size,) * 2 + (3,), "image"
-            meta = {"kind": "finetune_full", "features": [], "feature_attrs": [settings.attrs()]}
+            meta = {"kind": helper.FINETUNE_FULL, "features": [], "feature_attrs": [settings.attrs()]}
         meta["backbone"] = bb.name
-        meta["split_sha256"] = helper.split_fingerprint(args.data_dir)  # 07 --blend refuses other splits
-        baseline = baseline_row(model_dir, settings, out_dir)
+        config = helper.HeadConfig.of(vars(args))
+        # The split's sha256 in every sidecar: 07 --blend refuses models of other splits.
+        out = helper.Output(model_dir, helper.FINETUNE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
+        meta = out.sidecar(config, **meta)
+        baseline = baseline_row(model_dir, settings, out.folder)
         initial = base.get_weights()  # every variant starts from the same pretrained block
         for init in inits:
             name = f"{bb.name}_{'full_' if args.mode == 'full' else ''}{init}"
@@ -431,20 +443,19 @@ def main(args):
             helper.set_seed(args.seed)
             model = classifier(base, input_shape, input_name, args.dropout, name)
             if init == "baseline":
-                model.get_layer("prediction").set_weights(head_weights)
+                model.get_layer(helper.PREDICTION_LAYER).set_weights(head_weights)
             read0, start = source.read_seconds if source else 0.0, time.perf_counter()
-            hist, saved_epoch = train_variant(model, base, tail.layers, train, val, args,
-                                              model_dir / helper.LOGS_DIR / helper.FINETUNE_DIR / name, init)
+            hist, saved_epoch = fit_phases(model, base, tail.layers, train, val, args, config, out.log_dir(name), init)
             read_share = (source.read_seconds - read0) / (time.perf_counter() - start) if source else float("nan")
             if source:
                 log.info(f"reading maps from {'RAM' if source.in_ram else 'HDF5'}: {100 * read_share:.1f}% "
                          f"of the training time")
-            row = helper.finish_run(name, model, hist, val, out_dir, args, {**meta, "init": init}, saved_epoch)
+            row = helper.save_run(name, model, hist, val, out.folder, {**meta, "init": init}, saved_epoch)
             row.update(init=init, saved_phase=hist.phase[hist.epoch == saved_epoch].iloc[0], read_share=read_share)
             if baseline:
                 row["vs_baseline"] = row["val_loss"] - baseline["val_loss"]  # both: the saved models' val_loss
             # Each row right after its model is saved, so results.csv always describes the models on disk.
-            results = helper.write_results([row] + ([baseline] if baseline else []), out_dir,
+            results = helper.write_results([row] + ([baseline] if baseline else []), out.folder,
                                            f"{bb.name} fine-tuning ({args.mode}): val_loss by epoch",
                                            baseline=baseline and baseline["model"], show=init == inits[-1])
     return results
@@ -454,7 +465,7 @@ def baseline_row(model_dir: Path, settings: helper.ExtractSettings, out_dir: Pat
     """03's head for this backbone as a row of the comparison (the report's blue curve), if it was trained on
     features made the way these maps are."""
     single = model_dir / helper.SINGLE_DIR
-    results, hist = single / "results.csv", single / f"{settings.backbone}.history.csv"
+    results, hist = single / helper.RESULTS_CSV, single / f"{settings.backbone}.history.csv"
     sidecar = single / f"{settings.backbone}.json"
     if not (results.is_file() and hist.is_file() and sidecar.is_file()):
         log.info(f"no 03 result for {settings.backbone}: the comparison has no baseline (run 03_train_single.py)")

@@ -3,7 +3,7 @@
 One Input per backbone -> Concatenate -> Dropout(0.5) -> Dense(1, sigmoid), Adadelta, 7 epochs.
 --combos runs the report's comparison: ResNet50+InceptionV3, ResNet50+Xception and all three.
 Writes model/merge/<combo>.keras (with its sidecar), results.csv, val_loss.png and TensorBoard runs under
-model/logs/merge/. --folds K trains K heads instead (model/merge/<combo>_k<K>/, see helper.train_kfold);
+model/logs/merge/. --folds K trains K heads instead (model/merge/<combo>_k<K>/, see catdog/heads.py);
 --params model/hyperopt/best.json trains with 06's best hyperparameters (e.g. K-fold: the report's final model).
 """
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
                    help="train with 06's best hyperparameters: its best.json (model/hyperopt/best.json) sets the "
                         "backbones, SGD with its learning rate, decay and momentum, the dropout, the batch size "
                         "the epochs of its best epoch and its --views")
-    args = helper.resolve_head_args(p.parse_args(argv))
+    args = helper.parse_head_args(p, argv)
     if args.params and args.combos:
         p.error("--params gives one combination (06's backbones): drop --combos")
     if not args.combos and not args.params and len(set(args.models)) < 2:
@@ -81,17 +81,18 @@ def main(args):
             raise CatDogError("--combos: no combination of the report has all its feature files: run 02 first")
     else:
         combos = [tuple(dict.fromkeys(args.models))]
-    out_dir = Path(args.model_dir) / helper.MERGE_DIR
+    config = helper.HeadConfig.of(vars(args))
+    out = helper.Output(Path(args.model_dir), helper.MERGE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
     results = None
     for combo in combos:
         name = "+".join(combo)
-        feats = helper.load_features(combo, args.data_dir, **helper.head_parts(args))
+        feats = helper.load_features(combo, args.data_dir, **config.feature_parts())
         if args.folds:
-            row, _ = helper.train_kfold(name, feats, args, helper.MERGE_DIR)
+            row, _ = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir))
         else:
-            _, row = helper.train_head(name, feats, args, helper.MERGE_DIR)
+            _, row = helper.train_head(name, feats, config, out)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
-        results = helper.write_results([row], out_dir, "merged features: val_loss of each saved model"
+        results = helper.write_results([row], out.folder, "merged features: val_loss of each saved model"
                                        + (" (K-fold rows: out-of-fold)" if args.folds else ""),
                                        show=combo == combos[-1])
     return results

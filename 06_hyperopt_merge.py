@@ -165,7 +165,8 @@ def model(train_data, lr=0.001, decay=0.0, momentum=0.9, dropout=0.5, seed=helpe
     build_head seeds first: every trial starts from the same weights, only the settings differ."""
     names = [f"in{i}" for i in range(len(train_data[0]))]
     dims = {n: x.shape[1] for n, x in zip(names, train_data[0], strict=True)}
-    head = helper.build_head(dims, dropout, helper.make_optimizer("sgd", lr, momentum, decay), seed)
+    config = helper.HeadConfig(optimizer="sgd", lr=lr, decay=decay, momentum=momentum, dropout=dropout, seed=seed)
+    head = helper.build_head(dims, config.dropout, config.make_optimizer(), config.seed)
     # kopt's CompileFN trains by calling head.fit itself (arrays, batch_size, epochs, validation_data, verbose=2,
     # callbacks History, EarlyStopping, TensorBoard, ModelCheckpoint). This instance attribute sends that call
     # to helper.fit_arrays: Keras's results, in about half the time (benchmarks/heads_bench.md), with kopt
@@ -266,10 +267,11 @@ def load_trials(path: Path):
     if not isinstance(trials, Trials):
         raise CatDogError(f"{path} holds a {type(trials).__name__}, not hyperopt Trials: move {path.parent} away "
                           f"to start the search over")
-    # A trial that was running when the last run stopped has no result: drop it, it will be redone.
-    trials._dynamic_trials = [t for t in trials._dynamic_trials if t["result"].get("status") == "ok"]
-    trials.refresh()
-    return trials
+    # A trial that was running when the last run stopped has no result: dropped, it will be redone.
+    finished = Trials()
+    finished.insert_trial_docs([dict(t) for t in trials.trials if t["result"].get("status") == "ok"])
+    finished.refresh()
+    return finished
 
 
 @contextlib.contextmanager
@@ -362,10 +364,37 @@ def search(objective, space, trials, args, save):
     return trials
 
 
-def start_spark(master: str):
-    """A Spark session whose workers can unpickle this script's functions and import helper."""
+class ByValue:
+    """A function that travels to Spark's workers pickled by value by the cloudpickle package: this script is not
+    importable there. Spark pickles it as a call of cloudpickle.loads on those bytes (its __reduce__)."""
+
+    def __init__(self, fn):
+        import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.fn, self.payload = fn, cloudpickle.dumps(fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        import cloudpickle
+        return cloudpickle.loads, (self.payload,)
+
+
+def ship_package(spark, folder: Path) -> None:
+    """Make helper and the catdog package importable on Spark's workers: one zip of both, added to the session."""
+    import zipfile
+    root = Path(helper.__file__).resolve().parent
+    with helper.atomic_path(folder / "catdog.zip", suffix=".zip") as tmp, zipfile.ZipFile(tmp, "w") as z:
+        z.write(root / "helper.py", "helper.py")
+        for path in sorted((root / "catdog").glob("*.py")):
+            z.write(path, f"catdog/{path.name}")
+    spark.sparkContext.addPyFile(str(folder / "catdog.zip"))
+
+
+def start_spark(master: str, folder: Path):
+    """A Spark session whose workers can import helper and the catdog package (shipped as a zip from `folder`)."""
     try:
-        from pyspark import cloudpickle
         from pyspark.sql import SparkSession
     except ImportError as e:
         raise CatDogError("--spark needs pyspark: pip install -r requirements-spark.txt (Spark also needs "
@@ -377,8 +406,7 @@ def start_spark(master: str):
         raise CatDogError(f"could not start Spark on {master} ({e}); Spark needs Java 17 or later on PATH or "
                           f"JAVA_HOME") from e
     spark.sparkContext.setLogLevel("ERROR")
-    spark.sparkContext.addPyFile(str(Path(helper.__file__).resolve()))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this script is not importable on workers
+    ship_package(spark, folder)
     return spark
 
 
@@ -388,13 +416,13 @@ def spark_objective(data_dir: str, models, out_dir: str, model_fn):
     def run_trial(params):
         kopt = import_kopt(Path(out_dir) / "kopt")
         return make_objective(kopt, data_dir, models, out_dir, model_fn)(params)
-    return run_trial
+    return ByValue(run_trial)
 
 
 def search_spark(objective, space, trials, args, save):
     """Rounds of `parallelism` trials on Spark, saved after each round (Ctrl-C loses at most the running round)."""
     from hyperopt import SparkTrials, Trials, fmin, tpe
-    spark = start_spark(args.spark)
+    spark = start_spark(args.spark, Path(args.model_dir).resolve() / helper.HYPEROPT_DIR / "kopt")
     try:
         while len(trials.trials) < args.max_evals:
             start, done = time.perf_counter(), len(trials.trials)

@@ -79,7 +79,7 @@ CLIP_GRID = np.round(np.arange(0.001, 0.0505, 0.001), 3)  # --clip auto's candid
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    p = np.clip(np.asarray(p, np.float64), helper.LOGIT_EPS, 1 - helper.LOGIT_EPS)
     return np.log(p / (1 - p))
 
 
@@ -257,8 +257,7 @@ def tta_mean(views: np.ndarray, how: str = "prob") -> np.ndarray:
     views = np.asarray(views, np.float64)
     if how == "prob":
         return views.mean(axis=0)
-    p = np.clip(views, 1e-7, 1 - 1e-7)
-    return 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(axis=0)))
+    return 1 / (1 + np.exp(-logit(views).mean(axis=0)))
 
 
 def describe(meta: dict) -> str:
@@ -332,12 +331,12 @@ def suspects(table: pd.DataFrame, data_dir: Path, out_dir: Path, threshold: floa
     """The judged rows (out-of-fold, else valid: never rows a model trained on) whose log loss is above
     `threshold` (default: the worst 0.2%, at least one): suspects.txt, in the format 01 --exclude reads, and
     suspects.png, for a person to review before excluding them."""
-    p = np.clip(table.prediction.to_numpy(float), 1e-15, 1 - 1e-15)
+    p = np.clip(table.prediction.to_numpy(float), helper.LOG_EPS, 1 - helper.LOG_EPS)  # as log_loss guards log(0)
     loss = np.where(table.label.to_numpy() == 1, -np.log(p), -np.log(1 - p))
     df = table.assign(loss=loss).sort_values("loss", ascending=False, kind="stable").reset_index(drop=True)
     if threshold is None:
-        picked = df.head(max(1, int(np.ceil(0.002 * len(df)))))
-        why = f"the worst 0.2% ({len(picked)} of {len(df)} {judged} rows)"
+        picked = df.head(max(1, int(np.ceil(helper.SUSPECT_SHARE * len(df)))))
+        why = f"the worst {100 * helper.SUSPECT_SHARE:g}% ({len(picked)} of {len(df)} {judged} rows)"
     else:
         picked = df[df.loss > threshold]
         why = f"{judged} log loss above {threshold} ({len(picked)} of {len(df)} rows)"
@@ -375,23 +374,23 @@ def kaggle_submit(api, path: Path, message: str) -> str:
 
 def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
     """Grad-CAM overlays of the worst images (where each backbone looked), from 08's export of this model."""
-    export = model_dir / "export"
+    export = model_dir / helper.EXPORT_DIR
     try:
-        info = json.loads((export / "export.json").read_text())
+        info = json.loads((export / helper.EXPORT_INFO).read_text())
     except (OSError, ValueError):
         info = {}
-    if (info.get("source") != str(model_path.resolve()) or not (export / "catdog.keras").is_file()
+    if (info.get("source") != str(model_path.resolve()) or not (export / helper.EXPORT_KERAS).is_file()
             or info.get("source_sha256") != helper.file_sha256(model_path)):  # not retrained since
         log.info(f"no Grad-CAM overlays: {export} holds no export of {model_path} as it is now (run "
                  f"08_export_model.py --data-dir {data_dir} --model-dir {model_dir} --model {model_path}, then "
                  f"--analyze again)")
         return
-    model = helper.load_keras(export / "catdog.keras")
+    model = helper.load_keras(export / helper.EXPORT_KERAS)
     names = [b["backbone"] for b in info["backbones"]]
     for r in worst.itertuples():
         image = data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename
         pixels = helper.load_pixels(image, info["input_size"], info["interpolation"])
-        cams = helper.grad_cam(model, pixels[None], [f"{n}_avg_pool" for n in names])[:, 0]
+        cams = helper.grad_cam(model, pixels[None], [f"{n}_{helper.POOL_LAYER}" for n in names])[:, 0]
         helper.save_cam_overlay(pixels, cams, names, out_dir / f"{Path(r.filename).stem}.png",
                                 title=f"{r.filename}: P(dog) {r.prediction:.4f}")
     log.info(f"wrote {len(worst)} Grad-CAM overlays of the worst images to {out_dir}/")
@@ -447,7 +446,7 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
              f"cross-fitted over {len(np.unique(folds))} folds (fitted_log_loss: fitted and judged on the same rows)\n"
              + table.drop(columns=["rows", "judged_on"]).to_string(index=False, float_format=lambda v: f"{v:.5f}"))
     if args.blend:
-        helper.write_csv(table, model_dir / "blend" / "results.csv")
+        helper.write_csv(table, model_dir / helper.BLEND_DIR / helper.RESULTS_CSV)
     test = recipe.stages(np.column_stack([c.test for c in cands]))["calibrated"]
     sub = helper.write_submission(test_ids, test, output, test_ids, recipe.clip)
     info = {"models": [str(c.source) for c in cands], "weights": dict(zip([c.name for c in cands],

@@ -21,8 +21,6 @@ import numpy as np
 import helper
 from helper import CatDogError, log
 
-EXPORT_DIR = "export"
-
 
 def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0])
@@ -136,7 +134,7 @@ def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled
     helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
     net = bb.build(weights, st.image_size, pooling=None, input_tensor=x)
     maps = net.output
-    return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_avg_pool")(maps) if pooled else maps), net
+    return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_{helper.POOL_LAYER}")(maps) if pooled else maps), net
 
 
 def copy_weights(source, target, what: str) -> None:
@@ -179,10 +177,10 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
         if len(nested) != 1:
             raise CatDogError(f"{model_path}: expected one nested backbone or tail, found {len(nested)}")
         copy_weights(nested[0], net, str(model_path))
-        feats = keras.layers.GlobalAveragePooling2D(name=f"{settings[0].backbone}_avg_pool")(maps)
+        feats = keras.layers.GlobalAveragePooling2D(name=f"{settings[0].backbone}_{helper.POOL_LAYER}")(maps)
     dense = keras.layers.Dense(1, name="logit")
     out = keras.layers.Activation("sigmoid", name="p_dog")(dense(feats))
-    dense.set_weights(model.get_layer("prediction").get_weights())
+    dense.set_weights(model.get_layer(helper.PREDICTION_LAYER).get_weights())
     return keras.Model(image, out, name="catdog"), size, settings
 
 
@@ -220,10 +218,10 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
     try:
         tmp.mkdir(parents=True)
-        pixels.save(tmp / "catdog.keras")
-        pixels.export(str(tmp / "saved_model"), verbose=False)
-        (tmp / "catdog.tflite").write_bytes(to_tflite(tmp / "saved_model", quantize))
-        helper.write_json(info, tmp / "export.json")
+        pixels.save(tmp / helper.EXPORT_KERAS)
+        pixels.export(str(tmp / helper.EXPORT_SAVED_MODEL), verbose=False)
+        (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(tmp / helper.EXPORT_SAVED_MODEL, quantize))
+        helper.write_json(info, tmp / helper.EXPORT_INFO)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -240,7 +238,7 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
 def main(args):
     model_dir = Path(args.model_dir)
     path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
-    out_dir = Path(args.out_dir) if args.out_dir else model_dir / EXPORT_DIR
+    out_dir = Path(args.out_dir) if args.out_dir else model_dir / helper.EXPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise CatDogError(f"{out_dir} is a file: give --out-dir a folder")
     model, meta = helper.load_model(path)
@@ -261,9 +259,10 @@ def main(args):
             "quantize": args.quantize, "max_diff_vs_features": diff, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
     write_export(pixels, out_dir, args.quantize, info)
-    sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in ("catdog.keras", "catdog.tflite")}
-    log.info(f"wrote {out_dir}/: catdog.keras ({sizes['catdog.keras']:.1f} MiB), saved_model/, catdog.tflite "
-             f"({sizes['catdog.tflite']:.1f} MiB, {args.quantize}), export.json; input {size}x{size} RGB uint8")
+    sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
+    log.info(f"wrote {out_dir}/: {helper.EXPORT_KERAS} ({sizes[helper.EXPORT_KERAS]:.1f} MiB), "
+             f"{helper.EXPORT_SAVED_MODEL}/, {helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "
+             f"{args.quantize}), {helper.EXPORT_INFO}; input {size}x{size} RGB uint8")
     return info
 
 

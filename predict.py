@@ -9,6 +9,7 @@ that is not a readable image gets its own line and the others are still classifi
 where each backbone looked, and their sum.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -21,9 +22,9 @@ from helper import CatDogError, log
 
 
 def parse_args(argv=None):
-    p = helper.argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=helper.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=helper.HelpFormatter)
     p.add_argument("images", nargs="+", help="photos to classify")
-    p.add_argument("--model", default="model/export/catdog.keras",
+    p.add_argument("--model", default=str(Path("model", helper.EXPORT_DIR, helper.EXPORT_KERAS)),
                    help="the exported model: catdog.keras (Keras), or catdog.tflite (LiteRT, as on a phone); "
                         "export.json must be beside it")
     p.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
@@ -41,7 +42,7 @@ class Classifier:
     """The exported model, Keras or TFLite, one image at a time (the latency a phone app sees)."""
 
     def __init__(self, path: Path):
-        info_path = path.parent / "export.json"
+        info_path = path.parent / helper.EXPORT_INFO
         if not path.is_file():
             raise CatDogError(f"{path} not found: run 08_export_model.py first, or pass --model")
         try:
@@ -86,7 +87,7 @@ def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float,
     """Where each backbone looked, over the photo as it is (the maps stretched back to its shape)."""
     from PIL import Image
     names = [st["backbone"] for st in classifier.info["backbones"]]
-    cams = helper.grad_cam(classifier.model, pixels[None], [f"{n}_avg_pool" for n in names])[:, 0]
+    cams = helper.grad_cam(classifier.model, pixels[None], [f"{n}_{helper.POOL_LAYER}" for n in names])[:, 0]
     from PIL import ImageOps
     with Image.open(path) as im:
         photo = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))

@@ -147,12 +147,11 @@ def main(args):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
     export = importlib.import_module("08_export_model")  # repo root on sys.path
-    reorganize = importlib.import_module("01_reorganize_data")
 
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="export_bench_")
     root = Path(args.workdir or tmp)
     try:
-        data = reorganize.make_demo_dataset(root / "demo", max(2, math.ceil(args.images / 2)))
+        data = helper.make_demo_dataset(root / "demo", max(2, math.ceil(args.images / 2)))
         paths = sorted((data / "train").glob("*.jpg"))[:args.images]
 
         start = time.perf_counter()

@@ -12,7 +12,6 @@ and, in child processes, peak RSS of a whole extraction of N and 4N images (memo
 """
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -47,7 +46,7 @@ def make_images(root: Path, n: int, seed: int = 0) -> Path:
     """n labelled + n/4 test JPEGs in Kaggle's layout, organized by 01 (train2/, test2/, split.csv)."""
     data = root / f"data_{n}"
     if not (data / helper.SPLIT_CSV).is_file():
-        importlib.import_module("01_reorganize_data").make_demo_dataset(data, n // 2, seed)  # repo root on sys.path
+        helper.make_demo_dataset(data, n // 2, seed)  # repo root on sys.path
         script = Path(__file__).resolve().parents[1] / "01_reorganize_data.py"
         subprocess.run([sys.executable, str(script), "--data-dir", str(data)], check=True, capture_output=True)
     return data
@@ -166,7 +165,7 @@ def main(args):
                     extract(step, bb, data, size, args.batch_size, Path(tmp) / "d.h5", draft=True)
                     import h5py
                     with h5py.File(Path(tmp) / "f.h5") as f, h5py.File(Path(tmp) / "d.h5") as g:
-                        x, y = f["train"][:], g["train"][:]
+                        x, y = f["labelled"][:], g["labelled"][:]
                     rel = np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
                     row["draft_feat_rel_diff"] = float(rel.mean())
                     row["draft_rows_changed"] = float((rel > 0).mean())

@@ -25,8 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import helper  # noqa: E402
 
-reorganize = importlib.import_module("01_reorganize_data")
-
 MODELS = ["ResNet50", "InceptionV3", "Xception"]
 
 
@@ -47,7 +45,7 @@ def fake_features(data_dir: Path, rows: int) -> None:
     rng = np.random.default_rng(0)
     labels = np.arange(rows) % 2
     names = [f"{helper.CLASSES[y]}.{i}.jpg" for i, y in enumerate(labels)]
-    valid = reorganize.stratified_split(labels, 0.2, 0)
+    valid = helper.stratified_split(labels, 0.2, 0)
     data_dir.mkdir(parents=True, exist_ok=True)
     helper.write_csv(pd.DataFrame({"filename": names, "label": labels,
                                    "subset": np.where(valid, "valid", "train")}), data_dir / helper.SPLIT_CSV)
@@ -61,7 +59,7 @@ def fake_features(data_dir: Path, rows: int) -> None:
             for s in range(0, rows, 2000):
                 x = rng.standard_normal((min(2000, rows - s), 2048), np.float32)
                 x[:, :8] += labels[s:s + len(x), None]  # a weak signal, so training is not pure noise
-                w.append("train", x)
+                w.append("labelled", x)
             w.append("test", np.zeros((1, 2048), np.float32))
             w.commit()
 

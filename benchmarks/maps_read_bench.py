@@ -42,7 +42,7 @@ def write_maps(path: Path, n: int, shape=(7, 7, 2048)) -> float:
     with helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16",
                               {}) as w:
         for s in range(0, n, 256):
-            w.append("train", rng.standard_normal((min(256, n - s), *shape), np.float32).astype(np.float16))
+            w.append("labelled", rng.standard_normal((min(256, n - s), *shape), np.float32).astype(np.float16))
         w.append("test", np.zeros((1, *shape), np.float16))
         w.commit()
     return time.perf_counter() - start

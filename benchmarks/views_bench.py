@@ -11,7 +11,6 @@
 """
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def parse_args(argv=None):
 
 def make_images(root: Path, n: int) -> Path:
     data = root / "data"
-    importlib.import_module("01_reorganize_data").make_demo_dataset(data, n // 2, 0)
+    helper.make_demo_dataset(data, n // 2, 0)
     script = Path(__file__).resolve().parents[1] / "01_reorganize_data.py"
     subprocess.run([sys.executable, str(script), "--data-dir", str(data)], check=True, capture_output=True)
     return data

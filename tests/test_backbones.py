@@ -155,10 +155,10 @@ def test_extract_new_backbones_on_demo_data(demo):
     n_test = len(helper.laid_out_test_ids(data))
     for name in ("EfficientNetV2S", "ConvNeXtBase"):
         with h5py.File(helper.feature_path(data, name), "r") as f:
-            assert f["train"].shape == (len(split), FACTS[name][1]) and f["test"].shape == (n_test, FACTS[name][1])
-            assert np.isfinite(f["train"][:]).all() and f.attrs["image_size"] == DEMO
+            assert f["labelled"].shape == (len(split), FACTS[name][1]) and f["test"].shape == (n_test, FACTS[name][1])
+            assert np.isfinite(f["labelled"][:]).all() and f.attrs["image_size"] == DEMO
             if name == "ConvNeXtBase":
-                features = f["train"][:2]
+                features = f["labelled"][:2]
     paths = helper.train_image_paths(data, split)[:2]
     pixels = np.stack([helper.load_pixels(p, DEMO) for p in paths]).astype(np.float32)
     helper.set_seed(helper.DEFAULT_SEED)  # as 02 did before building
@@ -187,7 +187,7 @@ def test_finetune_splits_efficientnetv2s(demo, tmp_path):
                 "none", "--image-size", DEMO, "--init", "random", "--epochs", 1, "--batch-size", 4)
     assert table.model.tolist() == ["EfficientNetV2S_random"] and np.isfinite(table.val_loss).all()
     with h5py.File(helper.feature_path(data, "EfficientNetV2S_block6n_add_maps"), "r") as f:
-        assert f["train"].shape == (len(demo["split"]), 2, 2, 256) and f["train"].dtype == np.float16
+        assert f["labelled"].shape == (len(demo["split"]), 2, 2, 256) and f["labelled"].dtype == np.float16
     assert (tmp_path / "finetune" / "EfficientNetV2S_random.keras").is_file()
 
 

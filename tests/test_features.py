@@ -54,16 +54,16 @@ def test_feature_files_are_aligned_and_described(pipeline):
     data, split = pipeline["data"], pipeline["split"]
     for name in ("ResNet50", "InceptionV3", "Xception"):
         with h5py.File(data / "features" / f"{name}.h5", "r") as f:
-            assert f["train"].shape == (len(split), helper.BACKBONES[name].width)
-            assert f["train"].dtype == np.float32 and f["test"].dtype == np.float32
-            assert f["train_files"][:].astype(str).tolist() == split.filename.tolist()
+            assert f["labelled"].shape == (len(split), helper.BACKBONES[name].width)
+            assert f["labelled"].dtype == np.float32 and f["test"].dtype == np.float32
+            assert f["labelled_files"][:].astype(str).tolist() == split.filename.tolist()
             assert f["label"][:].tolist() == split.label.tolist()
             assert f["test_ids"][:].tolist() == list(range(1, f["test"].shape[0] + 1))
             a = dict(f.attrs)
             assert a["complete"] and a["backbone"] == name and a["image_size"] == int(IMAGE_SIZE)
             assert a["weights"] == "none" and a["interpolation"] == "bilinear" and a["seed"] == 2018
             assert a["keras"].startswith("3.") and a["tensorflow"]
-            assert np.isfinite(f["train"][:]).all()
+            assert np.isfinite(f["labelled"][:]).all()
     table = pipeline["extract"]
     assert table.backbone.tolist() == ["ResNet50", "InceptionV3", "Xception"]
     assert (table.images == len(split) + 15).all()
@@ -82,7 +82,7 @@ def test_features_equal_a_direct_predict(pipeline):
     img = helper.load_resized(path, int(IMAGE_SIZE)).numpy()[None]  # 02's default decoder
     direct = model.predict(bb.preprocess(img), verbose=0)[0]
     with h5py.File(data / "features" / "ResNet50.h5", "r") as f:
-        np.testing.assert_allclose(f["train"][row], direct, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(f["labelled"][row], direct, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("decoder", helper.DECODERS)
@@ -162,7 +162,7 @@ def test_hard_kill_leftover_is_not_mistaken_for_complete(small_data):
     path = small_data / "features" / "VGG16.h5"
     path.parent.mkdir()
     with h5py.File(path, "w") as f:  # what a file without the final attribute looks like
-        f["train"] = np.zeros((3, 512), np.float32)
+        f["labelled"] = np.zeros((3, 512), np.float32)
     assert helper.feature_file_state(path) is None
     with pytest.raises(CatDogError, match="missing or incomplete"):
         helper.load_features(["VGG16"], small_data)

@@ -104,7 +104,7 @@ def maps_file(tmp_path):
     path = tmp_path / "maps.h5"
     with helper.FeatureWriter(path, [f"cat.{i}.jpg" for i in range(n)], np.arange(n) % 2, [1], shape, "float16",
                               {}) as w:
-        w.append("train", rng.normal(size=(n, *shape)).astype(np.float16))
+        w.append("labelled", rng.normal(size=(n, *shape)).astype(np.float16))
         w.append("test", np.zeros((1, *shape), np.float16))
         w.commit()
     return path, n
@@ -119,7 +119,7 @@ def test_streaming_and_in_ram_batches_are_identical(maps_file):
     stream = script("04").map_batches(stream_rows, rows, labels, 8, True, seed=7)
     assert stream.source.array is None and stream.source._ds is None  # nothing read until the first batch
     with h5py.File(path, "r") as f:
-        truth = f["train"][:]
+        truth = f["labelled"][:]
     orders = []
     for epoch in range(2):
         seen = []
@@ -154,20 +154,20 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
     import keras
     split = pipeline["split"]
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
-        assert f["train"].dtype == np.float16 and f["train"].shape == (len(split), 3, 3, 2048)
+        assert f["labelled"].dtype == np.float16 and f["labelled"].shape == (len(split), 3, 3, 2048)
         assert f["test"].shape == (15, 3, 3, 2048)
-        assert f["train_files"][:].astype(str).tolist() == split.filename.tolist()
+        assert f["labelled_files"][:].astype(str).tolist() == split.filename.tolist()
         assert f["test_ids"][:].tolist() == list(range(1, 16))
         assert f.attrs["complete"] and f.attrs["split_layer"] == "conv5_block2_out"
         assert f.attrs["dtype"] == "float16" and f.attrs["image_size"] == int(IMAGE_SIZE)
-        maps = f["train"][:]
+        maps = f["labelled"][:]
     # The untouched tail + average pooling reproduces 02's ResNet50 features (same pipeline, same weights).
     keras.utils.set_random_seed(2018)
     full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE), pooling=None)
     _, tail = script("04").split_model(full, "conv5_block2_out")
     pooled = tail.predict(maps.astype(np.float32), verbose=0).mean(axis=(1, 2))
     with h5py.File(pipeline["data"] / "features" / "ResNet50.h5", "r") as f:
-        np.testing.assert_allclose(pooled, f["train"][:], rtol=2e-2, atol=2e-2 * np.abs(f["train"][:]).mean())
+        np.testing.assert_allclose(pooled, f["labelled"][:], rtol=2e-2, atol=2e-2 * np.abs(f["labelled"][:]).mean())
 
 
 def test_baseline_init_starts_as_03s_head(pipeline, finetuned):
@@ -182,9 +182,9 @@ def test_baseline_init_starts_as_03s_head(pipeline, finetuned):
     model.get_layer("prediction").set_weights(weights)
     head, _ = helper.load_model(pipeline["model"] / "single" / "ResNet50.keras")
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
-        maps = f["train"][:20]
+        maps = f["labelled"][:20]
     with h5py.File(pipeline["data"] / "features" / "ResNet50.h5", "r") as f:
-        feats = f["train"][:20]
+        feats = f["labelled"][:20]
     np.testing.assert_allclose(model.predict(maps, verbose=0), head.predict(feats, verbose=0), atol=0.02)
 
 
@@ -210,7 +210,7 @@ def test_variants_results_and_logs(finetuned):
         assert type(model.optimizer).__name__ == "SGD"
         assert float(model.optimizer.learning_rate) == pytest.approx(0.001)
         assert float(model.optimizer.momentum) == pytest.approx(0.9)
-        bns = [la for la in model._flatten_layers() if type(la).__name__ == "BatchNormalization"]
+        bns = [la for la in script("04").all_layers(model) if type(la).__name__ == "BatchNormalization"]
         assert bns and not any(la.trainable for la in bns)  # saved frozen, reloaded frozen
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -259,7 +259,8 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
     assert table.model.tolist() == ["ResNet50_full_random"]  # no 03 run in this model dir: no baseline row
     model, meta = helper.load_model(model_dir / "finetune" / "ResNet50_full_random.keras")
     assert meta["kind"] == "finetune_full" and meta["feature_attrs"][0]["image_size"] == 48
-    frozen = [la for la in model._flatten_layers() if la.trainable and la.weights and la.name.startswith("conv4")]
+    frozen = [la for la in script("04").all_layers(model)
+              if la.trainable and la.weights and la.name.startswith("conv4")]
     assert not frozen  # only the last block (and the head) trained
     sub = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "sub.csv")
@@ -307,7 +308,7 @@ def test_results_describe_the_saved_models(pipeline, finetuned):
     split = pipeline["split"]
     valid = (split.subset == "valid").to_numpy()
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
-        maps = f["train"][:][valid]
+        maps = f["labelled"][:][valid]
     for name in ("ResNet50_random", "ResNet50_baseline", "ResNet50_warmup"):
         model, meta = helper.load_model(out / f"{name}.keras")
         loss = model.evaluate(maps, split.label.to_numpy(np.float32)[valid], verbose=0, return_dict=True)["loss"]

@@ -68,7 +68,7 @@ def http_error(status: int) -> requests.HTTPError:
 def kaggle_zips(tmp_path_factory):
     """train.zip and test.zip as Kaggle ships them (a top folder named like the zip), of demo images."""
     root = tmp_path_factory.mktemp("kaggle_zips")
-    script("01").make_demo_dataset(root, 3)
+    helper.make_demo_dataset(root, 3)
     zips = {}
     for sub in ("train", "test"):
         buf = io.BytesIO()

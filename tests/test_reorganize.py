@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from conftest import jpeg_bytes, run, script
 
+import catdog.demo
 import helper
 from helper import CatDogError
 
@@ -43,22 +44,22 @@ def test_parse_test_name(name, expected):
 
 def test_split_is_stratified_and_seeded():
     labels = np.array([0] * 100 + [1] * 60)
-    a = script("01").stratified_split(labels, 0.2, seed=1)
+    a = helper.stratified_split(labels, 0.2, seed=1)
     assert (a & (labels == 0)).sum() == 20 and (a & (labels == 1)).sum() == 12
-    assert np.array_equal(a, script("01").stratified_split(labels, 0.2, seed=1))
-    assert not np.array_equal(a, script("01").stratified_split(labels, 0.2, seed=2))
+    assert np.array_equal(a, helper.stratified_split(labels, 0.2, seed=1))
+    assert not np.array_equal(a, helper.stratified_split(labels, 0.2, seed=2))
 
 
 def test_split_is_stable_across_runs():
     # A fixed expectation: numpy's PCG64 is stable across versions and machines.
-    got = np.flatnonzero(script("01").stratified_split([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 0.4, seed=2018))
+    got = np.flatnonzero(helper.stratified_split([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 0.4, seed=2018))
     assert got.tolist() == [0, 3, 6, 7]
 
 
 @pytest.mark.parametrize("frac", [0, 1, -0.1, 1.5])
 def test_split_rejects_bad_fraction(frac):
     with pytest.raises(CatDogError, match="valid-frac"):
-        script("01").stratified_split([0, 1], frac, 0)
+        helper.stratified_split([0, 1], frac, 0)
 
 
 def test_read_name_list_skips_comments(tmp_path):
@@ -178,7 +179,7 @@ def add_bad_files(data):
 
 
 def test_bad_files_are_named_and_skipped_and_originals_untouched(tmp_path, caplog):
-    step01.make_demo_dataset(tmp_path, 6)
+    helper.make_demo_dataset(tmp_path, 6)
     add_bad_files(tmp_path)
     before = {sub: tree_digest(tmp_path / sub) for sub in ("train", "test")}
     with caplog.at_level(logging.INFO, logger="catdog"):
@@ -199,7 +200,7 @@ def test_bad_files_are_named_and_skipped_and_originals_untouched(tmp_path, caplo
 
 def test_zip_input_is_extracted(tmp_path):
     src = tmp_path / "src"
-    step01.make_demo_dataset(src, 4)
+    helper.make_demo_dataset(src, 4)
     data = tmp_path / "data"
     data.mkdir()
     for sub in ("train", "test"):
@@ -242,7 +243,7 @@ def test_demo_refuses_to_overwrite_real_data(tmp_path):
 # ----------------------------------------------------------------------------- reruns
 
 def test_rerun_with_odd_entries_decodes_nothing_and_leaves_the_check_cache_alone(tmp_path, monkeypatch, caplog):
-    step01.make_demo_dataset(tmp_path, 5)
+    helper.make_demo_dataset(tmp_path, 5)
     (tmp_path / "train" / "Thumbs.db").write_bytes(b"\x00" * 64)
     (tmp_path / "train" / "extra").mkdir()
     (tmp_path / "train" / "extra" / "cat.77.jpg").write_bytes(jpeg_bytes())
@@ -288,7 +289,7 @@ def test_demo_replaces_its_own_files(tmp_path, caplog):
 
 
 def test_interrupted_demo_is_replaced_by_the_next(tmp_path, monkeypatch):
-    real = step01.demo_image
+    real = catdog.demo.demo_image
     calls = []
 
     def stop_after_three(*args):
@@ -296,7 +297,7 @@ def test_interrupted_demo_is_replaced_by_the_next(tmp_path, monkeypatch):
         if len(calls) > 3:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(step01, "demo_image", stop_after_three)
+    monkeypatch.setattr(catdog.demo, "demo_image", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         run("01", "--data-dir", tmp_path, "--demo", 4)
     assert len(os.listdir(tmp_path / "train")) == 3
@@ -321,7 +322,7 @@ def exclude_cats(data):
     (exclude_cats, r"no usable cat images in {train}/ \(--exclude .*ex.txt leaves none\)"),
 ])
 def test_a_class_without_usable_images_is_refused(tmp_path, setup, message):
-    step01.make_demo_dataset(tmp_path, 4)
+    helper.make_demo_dataset(tmp_path, 4)
     flags = setup(tmp_path) or []
     with pytest.raises(CatDogError, match=message.format(train=tmp_path / "train")):
         run("01", "--data-dir", tmp_path, *flags)
@@ -333,7 +334,7 @@ def test_a_class_without_usable_images_is_refused(tmp_path, setup, message):
     (0.01, "train: cat 5, dog 5; valid: cat 0, dog 0"),
 ])
 def test_a_split_with_an_empty_part_is_refused_with_a_working_fraction(tmp_path, frac, counts):
-    step01.make_demo_dataset(tmp_path, 5)
+    helper.make_demo_dataset(tmp_path, 5)
     with pytest.raises(CatDogError, match=rf"--valid-frac {frac} .*empty \({counts}\): use a --valid-frac from "
                                           r"0.2 to 0.8"):
         run("01", "--data-dir", tmp_path, "--valid-frac", frac)
@@ -342,7 +343,7 @@ def test_a_split_with_an_empty_part_is_refused_with_a_working_fraction(tmp_path,
 
 
 def test_a_class_of_one_image_cannot_be_split(tmp_path):
-    step01.make_demo_dataset(tmp_path, 3)
+    helper.make_demo_dataset(tmp_path, 3)
     for name in ("dog.1.jpg", "dog.2.jpg"):
         (tmp_path / "train" / name).unlink()
     with pytest.raises(CatDogError, match="at least 2 usable images, dog has 1"):
@@ -351,7 +352,7 @@ def test_a_class_of_one_image_cannot_be_split(tmp_path):
 
 @pytest.mark.parametrize("sub, a, b", [("test", "1.jpg", "01.jpg"), ("train", "cat.1.jpg", "cat.01.jpg")])
 def test_duplicate_ids_are_refused(tmp_path, sub, a, b):
-    step01.make_demo_dataset(tmp_path, 4)
+    helper.make_demo_dataset(tmp_path, 4)
     (tmp_path / sub / b).write_bytes((tmp_path / sub / a).read_bytes())
     folder = tmp_path / sub
     with pytest.raises(CatDogError, match=f"{folder / b} and {folder / a} have the same image id"):
@@ -359,7 +360,7 @@ def test_duplicate_ids_are_refused(tmp_path, sub, a, b):
 
 
 def test_names_with_leading_zeros_work_end_to_end(tmp_path):
-    step01.make_demo_dataset(tmp_path, 4)
+    helper.make_demo_dataset(tmp_path, 4)
     os.rename(tmp_path / "test" / "1.jpg", tmp_path / "test" / "01.jpg")
     os.rename(tmp_path / "train" / "cat.1.jpg", tmp_path / "train" / "cat.001.jpg")
     run("01", "--data-dir", tmp_path)
@@ -373,7 +374,7 @@ def test_names_with_leading_zeros_work_end_to_end(tmp_path):
 # ----------------------------------------------------------------------------- clear messages
 
 def test_folder_beside_its_zip_says_which_is_used(tmp_path, caplog):
-    step01.make_demo_dataset(tmp_path, 3)
+    helper.make_demo_dataset(tmp_path, 3)
     with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:
         z.writestr("train/cat.9.jpg", jpeg_bytes())
     with caplog.at_level(logging.INFO, logger="catdog"):
@@ -384,7 +385,7 @@ def test_folder_beside_its_zip_says_which_is_used(tmp_path, caplog):
 
 
 def test_symlink_loops_are_skipped_with_a_warning(tmp_path, caplog):
-    step01.make_demo_dataset(tmp_path, 3)
+    helper.make_demo_dataset(tmp_path, 3)
     train = tmp_path / "train"
     os.symlink("cat.50.jpg", train / "cat.50.jpg")
     os.symlink("dog.52.jpg", train / "dog.51.jpg")
@@ -397,7 +398,7 @@ def test_symlink_loops_are_skipped_with_a_warning(tmp_path, caplog):
 
 
 def test_binary_exclude_file_is_named(tmp_path):
-    step01.make_demo_dataset(tmp_path, 3)
+    helper.make_demo_dataset(tmp_path, 3)
     (tmp_path / "ex.jpg").write_bytes(jpeg_bytes())
     with pytest.raises(CatDogError, match=f"{tmp_path / 'ex.jpg'}: not a text file"):
         run("01", "--data-dir", tmp_path, "--exclude", tmp_path / "ex.jpg")
@@ -469,7 +470,7 @@ def test_full_disk_while_copying_leaves_nothing_partial(tmp_path, monkeypatch):
 
 def test_full_disk_while_extracting_leaves_nothing_partial(tmp_path, monkeypatch):
     src = tmp_path / "src"
-    step01.make_demo_dataset(src, 4)
+    helper.make_demo_dataset(src, 4)
     data = tmp_path / "data"
     data.mkdir()
     with zipfile.ZipFile(data / "train.zip", "w") as z:
@@ -519,7 +520,7 @@ def make_pets(root):
     rng = np.random.default_rng(0)
     for name, label in PETS.items():
         buf = io.BytesIO()
-        step01.demo_image(rng, label, 80, 60).save(buf, "PNG" if name == "beagle_4.jpg" else "JPEG")
+        catdog.demo.demo_image(rng, label, 80, 60).save(buf, "PNG" if name == "beagle_4.jpg" else "JPEG")
         (images / name).write_bytes(buf.getvalue())
     whole = (images / "Abyssinian_1.jpg").read_bytes()
     (images / CORRUPT_PET).write_bytes(whole[: len(whole) // 2])
@@ -616,7 +617,7 @@ def test_extra_data_reruns_follow_its_folder_and_content(tmp_path, caplog, monke
 
 def test_extra_data_inside_the_data_folder_is_linked_relatively(tmp_path):
     data = tmp_path / "data"
-    step01.make_demo_dataset(data, 3)
+    helper.make_demo_dataset(data, 3)
     make_pets(data / "oxford-iiit-pet")
     run("01", "--data-dir", data, "--extra-data", data / "oxford-iiit-pet")
     link = data / "train2" / "dog" / "beagle_4.jpg"
@@ -636,7 +637,7 @@ def test_copy_mode_copies_extra_images(tmp_path):
 def test_exclude_names_extra_images_as_split_csv_does(tmp_path, caplog):
     data, pets = tmp_path / "data", tmp_path / "pets"
     make_pets(pets)
-    step01.make_demo_dataset(data, 4)
+    helper.make_demo_dataset(data, 4)
     ex = tmp_path / "suspects.txt"
     ex.write_text("Abyssinian_2.jpg\nyorkshire_terrier_5.jpg\ncat.1.jpg\n")
     with caplog.at_level(logging.INFO, logger="catdog"):
@@ -711,7 +712,7 @@ def test_feature_step_picks_up_extra_rows(tmp_path):
     split = run("01", "--data-dir", data, "--demo", 4, "--extra-data", pets)["split"]
     run("02", "--data-dir", data, "--models", "ResNet50", "--weights", "none", "--image-size", 32)
     with h5py.File(data / "features" / "ResNet50.h5", "r") as f:
-        files, labels, rows = f["train_files"][:].astype(str), f["label"][:], f["train"].shape[0]
+        files, labels, rows = f["labelled_files"][:].astype(str), f["label"][:], f["labelled"].shape[0]
     assert rows == len(split) == 8 + len(PETS)
     assert files.tolist() == split.filename.tolist() and labels.tolist() == split.label.tolist()
     feats = helper.load_features(["ResNet50"], data)

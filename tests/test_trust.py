@@ -185,14 +185,14 @@ def test_two_processes_extracting_one_file_do_not_collide(copied):
     state = helper.feature_file_state(path)
     assert state["complete"] and state["image_size"] == 32
     with h5py.File(path, "r") as f:
-        assert f["train"].shape == (60, 512) and np.isfinite(f["train"][:]).all()
+        assert f["labelled"].shape == (60, 512) and np.isfinite(f["labelled"][:]).all()
     assert not list(path.parent.glob(".*partial*"))
 
 
 def test_feature_writer_cleans_up_whatever_happens(tmp_path):
     path = tmp_path / "f.h5"
     with pytest.raises(ValueError), helper.FeatureWriter(path, ["cat.1.jpg"], [0], [1], (2,), "float32", {}) as w:
-        w.append("train", np.zeros((1, 2), np.float32))
+        w.append("labelled", np.zeros((1, 2), np.float32))
         raise ValueError("interrupted")
     assert not list(tmp_path.iterdir())
     # A failure while creating the file (here: a dtype h5py refuses) leaves nothing either.
@@ -205,7 +205,7 @@ def test_feature_writer_cleans_up_whatever_happens(tmp_path):
 def test_map_rows_close_their_file(tmp_path):
     path = tmp_path / "maps.h5"
     with helper.FeatureWriter(path, ["cat.1.jpg", "dog.2.jpg"], [0, 1], [1], (2, 2, 3), "float16", {}) as w:
-        w.append("train", np.ones((2, 2, 2, 3), np.float16))
+        w.append("labelled", np.ones((2, 2, 2, 3), np.float16))
         w.append("test", np.ones((1, 2, 2, 3), np.float16))
         w.commit()
     with script("04").MapRows(path, in_ram=False) as rows:

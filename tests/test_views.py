@@ -40,7 +40,7 @@ def direct_features(backbone: str, pixels: np.ndarray) -> np.ndarray:
 def test_views_are_written_beside_the_plain_rows(viewed):
     for name, width in (("ResNet50", 2048), ("Xception", 2048)):
         path = helper.feature_path(viewed["data"], name)
-        train, test, tv, sv, tp = read(path, "train", "test", "train_views", "test_views", "train_view_params")
+        train, test, tv, sv, tp = read(path, "labelled", "test", "labelled_views", "test_views", "labelled_view_params")
         assert tv.shape == (VIEWS, len(train), width) and sv.shape == (VIEWS, len(test), width)
         assert tp.shape == (VIEWS, len(train), len(helper.VIEW_PARAMS))
         assert np.array_equal(tv[0], train) and np.array_equal(sv[0], test)  # view 0 is the plain image
@@ -50,7 +50,7 @@ def test_views_are_written_beside_the_plain_rows(viewed):
 
 def test_view_1_is_the_mirror_image(viewed):
     split = helper.read_split(viewed["data"])
-    tv, = read(helper.feature_path(viewed["data"], "ResNet50"), "train_views")
+    tv, = read(helper.feature_path(viewed["data"], "ResNet50"), "labelled_views")
     paths = helper.train_image_paths(viewed["data"], split)[:4]
     size = int(IMAGE_SIZE)
     mirrored = np.stack([np.asarray(Image.open(p).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -59,7 +59,7 @@ def test_view_1_is_the_mirror_image(viewed):
 
 
 def test_a_view_is_the_same_transformation_for_every_backbone(viewed):
-    params = [read(helper.feature_path(viewed["data"], n), "train_view_params", "test_view_params")
+    params = [read(helper.feature_path(viewed["data"], n), "labelled_view_params", "test_view_params")
               for n in ("ResNet50", "Xception")]
     for a, b in zip(*params, strict=True):
         assert np.array_equal(a, b)
@@ -72,7 +72,7 @@ def test_a_view_is_the_same_transformation_for_every_backbone(viewed):
     split = helper.read_split(viewed["data"])
     path = helper.train_image_paths(viewed["data"], split)[3]
     pixels = helper.load_resized(path, int(IMAGE_SIZE), params=train_params[2, 3]).numpy()[None]
-    tv, = read(helper.feature_path(viewed["data"], "Xception"), "train_views")
+    tv, = read(helper.feature_path(viewed["data"], "Xception"), "labelled_views")
     np.testing.assert_allclose(direct_features("Xception", pixels)[0], tv[2, 3], atol=1e-4)
     # ... and the transformation depends on (seed, image, view) only.
     again = helper.view_params(helper.DEFAULT_SEED, [f"train/{n}" for n in split.filename], 2)
@@ -96,7 +96,8 @@ def test_views_of_another_seed_are_refused_together(viewed, tmp_path):
     for name in (helper.SPLIT_CSV, helper.SPLIT_META):
         shutil.copy(viewed["data"] / name, data / name)
     with h5py.File(helper.feature_path(data, "Xception"), "r+") as f:  # as if extracted with another --seed
-        f["train_view_params"][2] = helper.view_params(7, [f"train/{n}" for n in f["train_files"][:].astype(str)], 2)
+        names = f["labelled_files"][:].astype(str)
+        f["labelled_view_params"][2] = helper.view_params(7, [f"train/{n}" for n in names], 2)
     with pytest.raises(CatDogError, match=r"Xception.h5's views are other transformations than .*ResNet50.h5's"):
         helper.check_views(["ResNet50", "Xception"], data, None)  # 07 --tta: every view is compared
     assert helper.check_views(["ResNet50", "Xception"], data, 2) == 2  # views 0 and 1 do not depend on the seed
@@ -106,7 +107,7 @@ def test_float16_views_are_the_plain_rows_rounded(tmp_path):
     d = ["--data-dir", tmp_path / "data", "--model-dir", tmp_path / "model"]
     run("01", *d, "--demo", 3)
     run("02", *d, "--weights", "none", "--image-size", "32", "--models", "ResNet50", "--views", 2)
-    train, tv = read(helper.feature_path(tmp_path / "data", "ResNet50"), "train", "train_views")
+    train, tv = read(helper.feature_path(tmp_path / "data", "ResNet50"), "labelled", "labelled_views")
     assert tv.dtype == np.float16 and np.array_equal(tv[0], train.astype(np.float16))
 
 

@@ -1,0 +1,81 @@
+"""What every module and step shares: the user-error exception, the logger, and the names that more than one file
+uses (folders, files, layer names, fixed numbers), each defined once here.
+
+Used by: every module of the package and every step, through helper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+# Silence TF's C++ start-up chatter before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("catdog")
+
+
+class CatDogError(Exception):
+    """A problem the user can fix; the CLI prints it as one line, without a traceback."""
+
+
+DEFAULT_SEED = 2018
+CLASSES = ("cat", "dog")  # label 0 = cat, 1 = dog, as Kaggle scores it
+
+# --data-dir: what 01 writes, and 02 and 04 read.
+SPLIT_CSV = "split.csv"
+SPLIT_META = "split.json"
+TRAIN2 = "train2"
+SPLITTED = "splitted"
+TEST2 = Path("test2") / "test"
+FEATURES = "features"
+
+# --model-dir: the folder of each step, and where later steps (04, 07, 08) read it.
+SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR = "single", "finetune", "merge", "hyperopt"
+LOGS_DIR, ANALYSIS_DIR, BLEND_DIR = "logs", "analysis", "blend"
+HYPEROPT_BEST = Path(HYPEROPT_DIR) / "best.keras"
+RESULTS_CSV = "results.csv"
+# A K-fold run's folder: its summary (written last: a folder without it is unfinished), predictions, test mean.
+KFOLD_SUMMARY, OOF_CSV, TEST_CSV = "kfold.json", "oof.csv", "test.csv"
+# 08's export folder under --model-dir, and its files (07 and predict.py read them too).
+EXPORT_DIR = "export"
+EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO = ("catdog.keras", "saved_model", "catdog.tflite",
+                                                                "export.json")
+
+# A sidecar's `kind`: the step that trained the model (04 --mode full: images, not features, in).
+SIDECAR_KINDS = (SINGLE_DIR, MERGE_DIR, HYPEROPT_DIR, FINETUNE_DIR)
+FINETUNE_FULL = "finetune_full"
+
+# Layer names that later steps look up: the heads' Dense (04 starts from 03's, 08 copies it), the pooling.
+PREDICTION_LAYER = "prediction"
+POOL_LAYER = "avg_pool"
+
+CLIP = (0.005, 0.995)  # the report's submission clip
+# log(0) guards: Kaggle's log loss as sklearn computes it (float64 machine epsilon), and the logit's.
+LOG_EPS = float(np.finfo(np.float64).eps)
+LOGIT_EPS = 1e-7
+SUSPECT_SHARE = 0.002  # 07 --analyze's suspects without --suspect-loss: the worst 0.2% of the judged rows
+PREDICT_BATCH = 256    # rows per batch when predicting from feature rows
+
+
+def versions() -> dict:
+    """Library versions stored with every output."""
+    import keras
+    import tensorflow as tf
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def progress(it, desc: str):
+    """A tqdm progress bar over `it` (batches)."""
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, unit="batch", leave=False, mininterval=1.0)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow. Call it before building any layer: Keras 3 draws each
+    initializer's and Dropout's seed when a layer is created, so seeding after building is too late."""
+    import keras
+    keras.utils.set_random_seed(seed)

@@ -1,0 +1,115 @@
+"""Safe file writing: every output is written to a temp name of this process's own and renamed into place when
+complete, so a killed run leaves the old file or the new one, never half of one; and the sha256 of files.
+
+Used by: every step, and the modules that write (features, heads, models, plots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from .common import CatDogError, log
+
+
+def temp_name(path: str | Path, suffix: str = "") -> Path:
+    """A hidden temp name beside `path`, this process's and call's own: two runs never share a half file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMP_COUNTER)}.partial{suffix}")
+
+
+_TEMP_COUNTER = itertools.count()
+
+
+def check_writable_target(path: str | Path) -> Path:
+    """Refuse a target that an atomic write's rename would destroy: a directory, device, FIFO or socket
+    (a symlink counts as what it points to). A missing path or a regular file is fine."""
+    path = Path(path)
+    if path.is_dir():
+        raise CatDogError(f"{path} is a directory: give a file name")
+    if path.exists() and not path.is_file():
+        raise CatDogError(f"{path} exists and is not a regular file (a device, FIFO or socket): give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder must be a folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CatDogError(f"{parent} is a file, not a folder: give another path")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `path`, renamed onto it only if the block succeeds. `suffix` keeps an extension
+    some writers insist on (Keras wants `.keras`); a symlink to a regular file stays, its target is replaced."""
+    path = check_writable_target(path)
+    if path.is_symlink():
+        path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a CSV atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in blocks (models are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temps(folder: Path, pattern: str) -> None:
+    """Remove temp files and folders (named by temp_name: `.<name>.<pid>.<n>.partial`) left by runs that are no
+    longer alive (killed, or the machine restarted); those of a running process are its own business."""
+    for tmp in folder.glob(pattern):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, under another user
+                continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object a step wrote, or None when missing; unreadable counts as missing, with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError:  # empty, garbled or not UTF-8
+        obj = None
+    if not isinstance(obj, dict):
+        log.warning(f"{path} is not a JSON object written by this step: treated as absent")
+        return None
+    return obj
