@@ -50,8 +50,8 @@ from catdog.backbones import (
     Backbone, REPORT_BACKBONES, BACKBONES, get_backbone, resolve_weights
 )
 from catdog.features import (
-    ExtractSettings, VIEW_SETTINGS, ROW_SETTINGS, dataset, feature_path, feature_file_state, setting_changes,
-    check_same_settings, rebuild_command, FeatureWriter, image_parts, rows_mismatch, stale_reason,
+    ExtractSettings, VIEW_SETTINGS, ROW_SETTINGS, LEGACY_NAMES, dataset, feature_path, feature_file_state,
+    setting_changes, check_same_settings, rebuild_command, FeatureWriter, image_parts, rows_mismatch, stale_reason,
     make_extract_step, extract_to_file, Features, load_features, check_views, model_inputs
 )
 from catdog.epochs import (
@@ -100,7 +100,7 @@ __all__ = [
     # backbones
     "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
     # features
-    "ExtractSettings", "VIEW_SETTINGS", "ROW_SETTINGS", "dataset", "feature_path", "feature_file_state",
+    "ExtractSettings", "VIEW_SETTINGS", "ROW_SETTINGS", "LEGACY_NAMES", "dataset", "feature_path", "feature_file_state",
     "setting_changes", "check_same_settings", "rebuild_command", "FeatureWriter", "image_parts", "rows_mismatch",
     "stale_reason", "make_extract_step", "extract_to_file", "Features", "load_features", "check_views",
     "model_inputs",

@@ -233,3 +233,24 @@ def test_every_interpolation_feeds_the_inception_preprocess(pipeline, interpolat
     assert img.dtype == tf.float32 and img.shape == (75, 75, 3)
     x = helper.BACKBONES["InceptionV3"].preprocess(img[None])
     assert -1 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
+
+
+def test_feature_files_of_the_last_release_still_read(pipeline, tmp_path):
+    """The release before this one named the labelled datasets train, train_files (and train_views,
+    train_view_params): such a file is reused by 02 and read by the heads, with the same rows."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"], data, symlinks=True)
+    path = helper.feature_path(data, "ResNet50")
+    current = helper.load_features(["ResNet50"], data)
+    with h5py.File(path, "r+") as f:
+        for new, old in helper.LEGACY_NAMES.items():
+            if new in f:
+                f.move(new, old)
+        assert "labelled" not in f and "train" in f
+    before = path.stat().st_mtime_ns
+    old = helper.load_features(["ResNet50"], data)
+    assert np.array_equal(old.labelled[0], current.labelled[0]) and np.array_equal(old.test[0], current.test[0])
+    assert np.array_equal(old.files, current.files)
+    run("02", "--data-dir", data, "--weights", "none", "--image-size", IMAGE_SIZE, "--models", "ResNet50")
+    assert path.stat().st_mtime_ns == before  # reused, not recomputed

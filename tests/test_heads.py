@@ -202,6 +202,9 @@ def test_sidecar_stores_settings(pipeline):
     meta = json.loads((pipeline["model"] / "merge" / "ResNet50+Xception.json").read_text())
     assert meta["kind"] == "merge" and meta["args"]["epochs"] == 7 and meta["args"]["optimizer"] == "adadelta"
     assert meta["feature_attrs"][0]["backbone"] == "ResNet50"
+    # The config it was trained with beside every flag: the report's merged head.
+    assert meta["config"] == {**helper.HeadConfig().attrs(), "epochs": 7, "batch_size": 16}
+    assert helper.HeadConfig.of(meta["args"]) == helper.HeadConfig(**meta["config"])
 
 
 # ----------------------------------------------------------------------------- helper.fit_arrays, Keras's fit faster
