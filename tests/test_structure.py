@@ -81,7 +81,7 @@ def test_only_the_command_line_module_sees_argparse():
         text = (ROOT / "catdog" / f"{module}.py").read_text()
         if module != "cli":
             assert "argparse" not in text and "Namespace" not in text, module
-        assert "args." not in text, f"catdog/{module}.py reads a parsed command line"
+            assert "args." not in text, f"catdog/{module}.py reads a parsed command line"
 
 
 def test_each_module_says_what_it_owns_and_who_uses_it():
