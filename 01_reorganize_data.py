@@ -12,10 +12,13 @@ Entries are symbolic links unless --copy. A rerun with the same settings changes
 --download first fetches train.zip and test.zip from Kaggle (needs API credentials), unless already there.
 """
 
+import contextlib
 import errno
+import filecmp
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import zipfile
 import zlib
@@ -72,13 +75,6 @@ def parse_args(argv=None):
     return args
 
 
-def no_space(where: Path, doing: str, need: int, hint: str = "") -> CatDogError:
-    """The error for a full disk, once the partial output is gone: how much room the step needs, and where."""
-    amount = f": it needs about {need / 1e6:,.1f} MB free there" if need else ""
-    return CatDogError(f"no space left on the disk of {where}/ while {doing}{amount}; the partial output was "
-                       f"removed: free some space{hint} and rerun")
-
-
 # ----------------------------------------------------------------------------- image checks, names, split
 
 DECODABLE = ("JPEG", "PNG", "GIF")  # what tf.io.decode_jpeg reads
@@ -89,22 +85,30 @@ def check_image(path: str | Path) -> dict:
 
     The size comes from the header; the full decode is what catches truncated files.
     Grayscale, CMYK and PNG content are usable: the pipeline converts them to RGB.
+    Whatever goes wrong with one image is that image's problem: it is skipped by name, never a traceback.
     """
     from PIL import Image, UnidentifiedImageError
 
     info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": ""}
     path = Path(path)
-    if path.stat().st_size == 0:
-        info["problem"] = "empty file (0 bytes)"
-        return info
     try:
+        if path.stat().st_size == 0:
+            info["problem"] = "empty file (0 bytes)"
+            return info
         with Image.open(path) as im:
             info.update(width=im.width, height=im.height, format=im.format or "", mode=im.mode)
             im.load()
     except UnidentifiedImageError:
         info["problem"] = "not an image (no known image format)"
+    # Neither is an OSError; the warning is an error under `python -W error`.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        info["problem"] = f"too many pixels to decode safely, a possible decompression bomb ({e})"
+    except PermissionError as e:
+        info["problem"] = f"unreadable ({e.strerror})"
     except (OSError, SyntaxError, ValueError) as e:
         info["problem"] = f"corrupt or truncated image ({e})"
+    except Exception as e:  # a Pillow plugin's own (struct.error, IndexError, MemoryError...)
+        info["problem"] = f"cannot be decoded ({type(e).__name__}: {e})"
     if not info["problem"] and info["format"] not in DECODABLE:
         info["problem"] = f"{info['format']} content: the pipeline decodes only JPEG, PNG and GIF"
     if not info["problem"]:
@@ -124,67 +128,6 @@ def parse_extra_name(name: str) -> tuple[int, str, int] | None:
     return (0 if name[0].isupper() else 1, m.group(1), int(m.group(2))) if m else None
 
 
-def read_name_list(path: str | Path) -> list[str]:
-    """File names, one per line; `#` starts a comment."""
-    path = Path(path)
-    if not path.is_file():
-        raise CatDogError(f"{path}: no such file (give a text file with one image name per line)")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise CatDogError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a text file with one "
-                          "image name per line") from None
-    names = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(line)
-    return names
-
-
-# ----------------------------------------------------------------------------- download from Kaggle
-
-KAGGLE_FILES = ("train.zip", "test.zip")
-# Kaggle writes (and resumes) a download in place: staged here, a half file never passes for a finished zip.
-DOWNLOAD_STAGE = ".kaggle-download"
-
-
-def download(data: Path) -> None:
-    """Download the competition's train.zip and test.zip into `data`, each unless it or its folder is there.
-
-    Kaggle is not asked (nor credentials needed) when both are. A download interrupted is resumed by a rerun.
-    """
-    if data.exists() and not data.is_dir():
-        raise CatDogError(f"--data-dir {data} is a file, not a folder: give the folder to download into")
-    missing = []
-    for name in KAGGLE_FILES:
-        folder, archive = data / Path(name).stem, data / name
-        if folder.is_dir() or archive.is_file():
-            have = f"{folder}/" if folder.is_dir() else str(archive)
-            log.info(f"--download: {have} is already there: {name} not downloaded")
-        else:
-            missing.append(name)
-    if not missing:
-        return
-    api = helper.kaggle_api("--download")
-    stage = data / DOWNLOAD_STAGE
-    for name in missing:
-        log.info(f"downloading {name} of {helper.KAGGLE_COMPETITION} from Kaggle into {data}/")
-        try:
-            with helper.kaggle_call(f"downloading {name}"):
-                api.competition_download_file(helper.KAGGLE_COMPETITION, name, path=str(stage), quiet=False, unzip=True)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                shutil.rmtree(stage, ignore_errors=True)
-                raise no_space(data, f"downloading {name}", 0) from e
-            raise
-        if not (stage / name).is_file():
-            raise CatDogError(f"Kaggle's download of {name} left no {stage / name}: rerun; if it happens again, "
-                              f"download {name} from {helper.KAGGLE_RULES.removesuffix('/rules')}/data into {data}/")
-        os.replace(stage / name, data / name)
-    shutil.rmtree(stage, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- input
 
 def ensure_folder(data: Path, sub: str) -> Path:
@@ -196,8 +139,13 @@ def ensure_folder(data: Path, sub: str) -> Path:
                      f"(to use the zip, remove or rename {folder}/)")
         return folder
     if not archive.is_file():
+        old = next((p for p in (data / "test1", data / "test1.zip") if sub == "test" and p.exists()), None)
+        hint = (f"; {old} is the test set of the original 2013 competition (dogs-vs-cats), not of this one: download "
+                f"test.zip of {helper.KAGGLE_COMPETITION} (its ids are the ones Kaggle scores)" + (
+                    f", or to use test1/'s images anyway: mv {shlex.quote(str(old))} {shlex.quote(str(folder))}"
+                    if old.is_dir() else "")) if old else ""
         raise CatDogError(f"neither {folder}/ nor {archive} found: download train.zip and test.zip of "
-                          f"dogs-vs-cats-redux-kernels-edition from Kaggle into {data}/ (or use --demo N)")
+                          f"{helper.KAGGLE_COMPETITION} from Kaggle into {data}/ (or use --demo N){hint}")
     helper.remove_stale_temps(data, f".{sub}.extracting.*")
     tmp = helper.temp_name(data / f"{sub}.extracting")  # this process's own: two runs never share one
     try:
@@ -253,7 +201,7 @@ def extract(archive: Path, into: Path) -> None:
         raise CatDogError(f"{archive}: not a valid zip ({e}); download it again") from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise no_space(archive.parent, f"extracting {archive.name}", need) from e
+            raise helper.no_space(archive.parent, f"extracting {archive.name}", need) from e
         raise
 
 
@@ -324,19 +272,32 @@ def refuse_duplicate_ids(folder: Path, names, parse, fix: str) -> None:
             raise CatDogError(f"{folder / other} and {folder / name} have the same image id: {fix}")
 
 
+def nested_hint(folder: Path, parse) -> str:
+    """How to fix images that lie one folder deeper (train/train/, as some unzip tools make it), if they do."""
+    with contextlib.suppress(OSError):
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if any(parse(name) for name in os.listdir(sub)):
+                aside = folder.with_name(f"{folder.name}.outer")
+                q = shlex.quote
+                return (f": its images lie one folder deeper, in {sub}/ (as some unzip tools make it); move them up, "
+                        f"e.g. mv {q(str(folder))} {q(str(aside))} && mv {q(str(aside / sub.name))} {q(str(folder))}")
+    return " (see the messages above)"
+
+
 def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path], exclude: str | None
                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, set[str]]:
     """The Kaggle training, Kaggle test and --extra-data images to use (the last empty without extra data),
     and the names --exclude removed; refuses what cannot train."""
     usable = {key: c[c.problem == ""] for key, c in checks.items()}
+    parsers = {"train": helper.parse_train_name, "test": helper.parse_test_name, EXTRA: parse_extra_name}
     for key in usable:
         if usable[key].empty:
-            raise CatDogError(f"no usable images in {folders[key]}/ (see the messages above)")
+            raise CatDogError(f"no usable images in {folders[key]}/{nested_hint(folders[key], parsers[key])}")
     train_ok, test_ok = usable["train"], usable["test"]
     extra_ok = usable.get(EXTRA, train_ok.iloc[:0])
     excluded = set()
     if exclude:
-        wanted = set(read_name_list(exclude))
+        wanted = set(helper.read_name_list(exclude))
         excluded = wanted & (set(train_ok.name) | set(extra_ok.name))
         for name in sorted(wanted - excluded):
             log.warning(f"--exclude {exclude}: {name} is not among the usable training images")
@@ -416,6 +377,58 @@ def layout_matches(data: Path, plan: dict[str, Path], copy: bool) -> bool:
     return all((data / rel).is_symlink() != copy for rel in plan)
 
 
+def foreign_entries(data: Path, originals: list[Path], cache: pd.DataFrame) -> list[Path]:
+    """What the derived folders hold that 01 did not make, and a rebuild would remove: 01's own are the layout's
+    folders, links to an original (in train/, test/ or an --extra-data folder, the last run's too) and copies of one
+    (same name, size and mtime, as shutil.copy2 keeps them, or the same bytes), of an image on disk or last checked."""
+    layout = {helper.TEST2.as_posix(), *(f"{top}/{cls}" for top in (helper.TRAIN2, f"{helper.SPLITTED}/train",
+                                                                    f"{helper.SPLITTED}/valid") for cls in CLASSES)}
+    layout |= {str(Path(rel).parent) for rel in layout}
+    folders = {os.path.realpath(f) for f in originals}
+    checked = {(r.name, r.bytes, r.mtime_ns) for r in cache.itertuples(index=False)}
+    resolved = {}  # the links of one folder share their target's folder: resolved once
+
+    def made(entry: os.DirEntry) -> bool:
+        if entry.is_symlink():
+            where = os.path.dirname(os.path.join(os.path.dirname(entry.path), os.readlink(entry.path)))
+            if where not in resolved:
+                resolved[where] = os.path.realpath(where) in folders
+            return resolved[where]
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        st = entry.stat(follow_symlinks=False)
+        if (entry.name, st.st_size, st.st_mtime_ns) in checked:
+            return True
+        return any(o.is_file() and o.stat().st_size == st.st_size and (o.stat().st_mtime_ns == st.st_mtime_ns
+                   or filecmp.cmp(o, entry.path, shallow=False)) for o in (Path(f) / entry.name for f in originals))
+
+    foreign = []
+
+    def walk(rel: str) -> None:
+        for entry in sorted(os.scandir(data / rel), key=lambda e: e.name):
+            inner = f"{rel}/{entry.name}"
+            if inner in layout and entry.is_dir(follow_symlinks=False):
+                walk(inner)
+            elif not made(entry):  # a folder of the user's is named as a whole
+                foreign.append(data / inner)
+
+    for top in DERIVED:
+        if (data / top).is_dir() and not (data / top).is_symlink():
+            walk(top)
+        elif os.path.lexists(data / top):
+            foreign.append(data / top)
+    return foreign
+
+
+def refuse_foreign(data: Path, foreign: list[Path]) -> None:
+    """No step removes what it did not make: the user's files in a derived folder stop the rebuild, named."""
+    if foreign:
+        shown = ", ".join(map(str, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CatDogError(f"{shown}: not made by 01 (not a link to, or a copy of, an image of train/ or test/), in "
+                          f"folders it rebuilds ({', '.join(f'{t}/' for t in DERIVED)} of {data}), which would remove "
+                          "them: move them out of there (01 reads the images of train/ and test/) and rerun 01")
+
+
 def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
     """Build the derived folders beside the old ones, then swap them in: no stale entry survives."""
     helper.remove_stale_temps(data, ".reorganize.*")
@@ -436,11 +449,12 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # gives the space back; the originals are untouched
         if e.errno == errno.ENOSPC:
             need = sum(src.stat().st_size for src in plan.values()) if copy else 0
-            raise no_space(data, "copying" if copy else "linking", need,
+            raise helper.no_space(data, "copying" if copy else "linking", need,
                            " (or leave out --copy: links take almost none)" if copy else "") from e
         raise
     for top in DERIVED:
         old = data / f".{top}.old"
+        shutil.rmtree(old, ignore_errors=True)  # a killed run's, once in place: 01's own links or copies
         if (data / top).exists():
             os.replace(data / top, old)
         if (tmp / top).exists():
@@ -489,8 +503,23 @@ def report_problems(checks: pd.DataFrame) -> None:
 def main(args):
     data = Path(args.data_dir)
     extra = extra_folder(args.extra_data, data) if args.extra_data else None  # before any download
+    if data.exists() and not data.is_dir():
+        raise CatDogError(f"--data-dir {data} is a file, not a folder: give the folder of train/ and test/ "
+                          "(or of train.zip and test.zip)")
+    if args.download and not data.is_dir():
+        helper.kaggle_credentials("--download")  # missing ones are refused before the folder is made
+    if args.download or args.demo:
+        data.mkdir(parents=True, exist_ok=True)
+    elif not data.is_dir():
+        ensure_folder(data, "train")  # says what to put there
+    # One run at a time: two would mix one's splitted/ with the other's split.csv.
+    with helper.exclusive_lock(data / helper.DATA_LOCK, "01"):
+        return organize(args, data, extra)
+
+
+def organize(args, data: Path, extra: Path | None) -> dict:
     if args.download:
-        download(data)
+        helper.download_competition(data)
     if args.demo:
         helper.make_demo_dataset(data, args.demo, args.seed)
     folders = {sub: ensure_folder(data, sub) for sub in ("train", "test")}
@@ -505,7 +534,14 @@ def main(args):
     if args.extra_data:
         checks[EXTRA], others = extra_images(checks[EXTRA], folders[EXTRA], args.extra_data)
     table = pd.concat(checks.values(), ignore_index=True)
-    if not holds(cache_path, table):  # left alone otherwise, so a rerun changes nothing on disk
+    meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
+    old_meta = helper.read_json(meta_path)
+    was = (old_meta or {}).get("extra_data")  # the last run's --extra-data folder: its links and copies are 01's
+    old_extra = [Path(was["dir"])] if isinstance(was, dict) and isinstance(was.get("dir"), str) else []
+    # Found while the old cache still knows the images removed since (their copies are 01's), and that cache kept
+    # until the layout is settled when there are any: a refused run must not make them look foreign to the next.
+    foreign = foreign_entries(data, [*folders.values(), *old_extra], cache)
+    if not foreign and not holds(cache_path, table):  # left alone otherwise, so a rerun changes nothing on disk
         helper.write_csv(table, cache_path)
     report_problems(table)
 
@@ -523,18 +559,19 @@ def main(args):
             "extra_data": extra_meta,
             "split_sha256": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
-    meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
     plan = planned_entries(data, split, test_names, folders.get(EXTRA))
-    old_meta = helper.read_json(meta_path)
     if (old_meta == meta and split_path.is_file() and helper.file_sha256(split_path) == meta["split_sha256"]
             and layout_matches(data, plan, args.copy)):
         log.info(f"{data}/ is already organized with these settings: nothing changed")
     else:
+        refuse_foreign(data, foreign)
         build_layout(data, plan, args.copy)
         helper.write_csv(split, split_path)
         helper.write_json(meta, meta_path)
         log.info(f"wrote {helper.TRAIN2}/, {helper.SPLITTED}/, {helper.TEST2}/ "
                  f"({'copies' if args.copy else 'links'}) and {helper.SPLIT_CSV} under {data}/")
+    if foreign and not holds(cache_path, table):  # kept (nothing rebuilt, nothing removed): now current
+        helper.write_csv(table, cache_path)
     write_eda(data, train_ok)
 
     counts = split.groupby(["subset", "label"]).size()

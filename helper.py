@@ -3,8 +3,8 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
 
   catdog/common.py     the user-error exception, the logger, the seed, names shared between files
   catdog/cli.py        the command line: flag types, shared flags, run_cli (the only module that sees argparse)
-  catdog/files.py      atomic writes, temp names and their cleanup, sha256, JSON state
-  catdog/data.py       Kaggle names, split.csv, the test ids, the split and the folds
+  catdog/files.py      atomic writes, temp names and their cleanup, sha256, JSON state, plain names, the lock
+  catdog/data.py       Kaggle names and name lists, split.csv, the test ids, the split and the folds
   catdog/demo.py       the generated demo data (01 --demo)
   catdog/images.py     decoders, resizing, augmented views, the tf.data pipeline, photos as pixels
   catdog/backbones.py  the backbone registry
@@ -12,7 +12,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
   catdog/heads.py      head configs, building, fitting, saving and K-fold training of heads, results tables
   catdog/models.py     saved models and sidecars, predictions of saved models, submissions
-  catdog/kaggle_api.py Kaggle credentials and API calls
+  catdog/kaggle_api.py Kaggle credentials and API calls, the download of the competition's data
   catdog/cam.py        Grad-CAM and its overlays
   catdog/plots.py      figures and training curves
 
@@ -22,8 +22,8 @@ imported inside the functions that need them, so the data step (01) and `-h` sta
 
 
 from catdog.common import (
-    CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, TRAIN2, SPLITTED, TEST2, FEATURES, SINGLE_DIR,
-    FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, LOGS_DIR, ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV,
+    CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, TRAIN2, SPLITTED, TEST2, FEATURES, DATA_LOCK,
+    SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, LOGS_DIR, ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV,
     KFOLD_SUMMARY, OOF_CSV, TEST_CSV, EXPORT_DIR, EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO,
     SIDECAR_KINDS, FINETUNE_FULL, PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE,
     PREDICT_BATCH, versions, progress, set_seed
@@ -33,11 +33,12 @@ from catdog.cli import (
     run_cli, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
 )
 from catdog.files import (
-    temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps
+    temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
+    no_space, plain_name, exclusive_lock
 )
 from catdog.data import (
-    parse_train_name, parse_test_name, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths, test_images,
-    laid_out_test_ids, split_fingerprint, stratified_split, fold_assignment, kaggle_rows
+    parse_train_name, parse_test_name, read_name_list, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths,
+    test_images, laid_out_test_ids, split_fingerprint, stratified_split, fold_assignment, kaggle_rows
 )
 from catdog.demo import (
     DEMO_MARKER, make_demo_dataset
@@ -66,7 +67,7 @@ from catdog.models import (
     check_model_dir, pick_model, log_loss, validate_submission, write_submission
 )
 from catdog.kaggle_api import (
-    KAGGLE_COMPETITION, KAGGLE_RULES, kaggle_credentials, kaggle_api, kaggle_call
+    KAGGLE_COMPETITION, KAGGLE_RULES, kaggle_credentials, kaggle_api, kaggle_call, download_competition
 )
 from catdog.cam import (
     grad_cam, save_cam_overlay
@@ -78,7 +79,8 @@ from catdog.plots import (
 __all__ = [
     # common
     "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "TRAIN2", "SPLITTED", "TEST2",
-    "FEATURES", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR", "LOGS_DIR", "ANALYSIS_DIR", "BLEND_DIR",
+    "FEATURES", "DATA_LOCK", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR", "LOGS_DIR", "ANALYSIS_DIR",
+    "BLEND_DIR",
     "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "EXPORT_DIR", "EXPORT_KERAS",
     "EXPORT_SAVED_MODEL", "EXPORT_TFLITE", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL", "PREDICTION_LAYER",
     "POOL_LAYER", "CLIP", "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions", "progress",
@@ -88,10 +90,11 @@ __all__ = [
     "base_parser", "run_cli", "head_args", "parse_head_args", "views_arg", "kfold_args", "clip_args", "clip_range",
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
-    "remove_stale_temps",
+    "remove_stale_temps", "no_space", "plain_name", "exclusive_lock",
     # data
-    "parse_train_name", "parse_test_name", "SPLIT_COLUMNS", "SOURCES", "read_split", "train_image_paths",
-    "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
+    "parse_train_name", "parse_test_name", "read_name_list", "SPLIT_COLUMNS", "SOURCES", "read_split",
+    "train_image_paths", "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment",
+    "kaggle_rows",
     # demo
     "DEMO_MARKER", "make_demo_dataset",
     # images
@@ -114,6 +117,7 @@ __all__ = [
     "predict_saved", "check_model_dir", "pick_model", "log_loss", "validate_submission", "write_submission",
     # kaggle_api
     "KAGGLE_COMPETITION", "KAGGLE_RULES", "kaggle_credentials", "kaggle_api", "kaggle_call",
+    "download_competition",
     # cam
     "grad_cam", "save_cam_overlay",
     # plots

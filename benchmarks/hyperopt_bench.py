@@ -49,6 +49,8 @@ def fake_features(data_dir: Path, rows: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     helper.write_csv(pd.DataFrame({"filename": names, "label": labels,
                                    "subset": np.where(valid, "valid", "train")}), data_dir / helper.SPLIT_CSV)
+    # The record 01 writes beside it: read_split refuses a split.csv without it.
+    helper.write_json({"split_sha256": helper.file_sha256(data_dir / helper.SPLIT_CSV)}, data_dir / helper.SPLIT_META)
     test = data_dir / helper.TEST2
     test.mkdir(parents=True, exist_ok=True)
     (test / "1.jpg").write_bytes(b"")  # the one test row the feature files hold

@@ -32,6 +32,7 @@ TRAIN2 = "train2"
 SPLITTED = "splitted"
 TEST2 = Path("test2") / "test"
 FEATURES = "features"
+DATA_LOCK = ".catdog.lock"  # held by the run that writes the data dir's shared files (01), removed when it ends
 
 # --model-dir: the folder of each step, and where later steps (04, 07, 08) read it.
 SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR = "single", "finetune", "merge", "hyperopt"

@@ -1,7 +1,7 @@
-"""Kaggle's data as the steps see it: image names, split.csv (the one split every step trains and validates on),
-the test images 01 laid out, and the K-fold assignment of the labelled rows.
+"""Kaggle's data as the steps see it: image names and lists of them, split.csv (the one split every step trains and
+validates on), the test images 01 laid out, and the K-fold assignment of the labelled rows.
 
-Used by: 01 (names, the split), 02-08 (split.csv, test ids), 03/05/07 (folds).
+Used by: 01 (names, name lists, the split), 02-08 (split.csv, test ids), 03/05/07 (folds).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .common import CLASSES, SPLIT_CSV, SPLIT_META, TEST2, TRAIN2, CatDogError
-from .files import file_sha256
+from .files import file_sha256, plain_name, read_json
 
 _TRAIN_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$")
 _TEST_NAME = re.compile(r"^(\d+)\.jpg$")
@@ -36,6 +36,29 @@ def parse_test_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def read_name_list(path: str | Path) -> list[str]:
+    """Image names, one per line, as split.csv names them; `#` starts a comment (01 --exclude's lists, 07's
+    suspects.txt). A line that is a path, not a name, is refused with its line."""
+    path = Path(path)
+    fix = "give a text file with one image name per line"
+    if path.is_dir():
+        raise CatDogError(f"{path} is a folder, not a file: {fix} (such as data/exclude_report.txt, or the "
+                          "suspects.txt of 07 --analyze)")
+    if not path.is_file():
+        raise CatDogError(f"{path}: " + ("not a regular file" if path.exists() else "no such file") + f" ({fix})")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise CatDogError(f"{path}: not a text file (byte {e.start} is not UTF-8); {fix}") from None
+    names = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(plain_name(line, f"{path}, line {number}",
+                                    "give each image by its file name alone, as split.csv names it (cat.1.jpg)"))
+    return names
+
+
 # ==================== Splitting =====================================================================================
 
 SPLIT_COLUMNS = ("filename", "label", "subset", "source")
@@ -46,14 +69,24 @@ SOURCES = ("kaggle", "oxford-pets")
 def read_split(data_dir: str | Path) -> pd.DataFrame:
     """split.csv (filename, label, subset, source): the one split every step trains and validates on.
 
-    A split.csv of an older 01, without `source`, holds Kaggle's images only and reads as such.
+    It must be the file 01 wrote: its sha256 is the one split.json records (a split.csv edited or replaced since is
+    refused), and each name is a plain file name (a path would lead out of train2/). A split.csv of an older 01,
+    without `source`, holds Kaggle's images only and reads as such.
     """
-    path = Path(data_dir) / SPLIT_CSV
+    path, meta_path = Path(data_dir) / SPLIT_CSV, Path(data_dir) / SPLIT_META
     if not path.is_file():
         raise CatDogError(f"{path} not found: run 01_reorganize_data.py first")
+    recorded = (read_json(meta_path) or {}).get("split_sha256")
+    if not recorded:
+        raise CatDogError(f"{path} comes without its record in {meta_path} (01 writes the two together): rerun "
+                          "01_reorganize_data.py")
+    if file_sha256(path) != recorded:
+        raise CatDogError(f"{path} is not the split 01 wrote (edited or replaced since: its sha256 is not the one "
+                          f"{meta_path} records): rerun 01_reorganize_data.py (its --exclude leaves images out)")
     garbage = CatDogError(f"{path} is not a split file made by 01_reorganize_data.py: rerun it")
-    try:
-        df = pd.read_csv(path, dtype={"filename": str, "label": int, "subset": str, "source": str})
+    try:  # keep_default_na: an image may be named NA
+        df = pd.read_csv(path, dtype={"filename": str, "label": int, "subset": str, "source": str},
+                         keep_default_na=False)
     except ValueError:  # empty, not UTF-8, or text where a label belongs
         raise garbage from None
     if tuple(df.columns) == SPLIT_COLUMNS[:3]:
@@ -61,6 +94,9 @@ def read_split(data_dir: str | Path) -> pd.DataFrame:
     if (tuple(df.columns) != SPLIT_COLUMNS or df.empty or not df.label.isin(range(len(CLASSES))).all()
             or not df.subset.isin(("train", "valid")).all() or not df.source.isin(SOURCES).all()):
         raise garbage
+    for row, name in enumerate(df.filename, start=2):  # line 1 is the header
+        plain_name(name, f"{path}, line {row}", "split.csv names each image by its file name alone; rerun "
+                   "01_reorganize_data.py")
     return df
 
 

@@ -7,6 +7,7 @@ Used by: 01 --demo (and so `make demo` and the tests' pipeline), benchmarks.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -69,6 +70,38 @@ def not_generated(data_dir: Path, generated: dict[str, str]) -> str | None:
     return None
 
 
+def refuse_real_data(data_dir: Path, generated: dict[str, str]) -> None:
+    """--demo never shadows the user's own data: Kaggle's zips (01 would use the demo's train/ and test/ instead),
+    or, with no demo made here yet, images of the user's in train/ or test/."""
+    zips = [name for name in ("train.zip", "test.zip") if (data_dir / name).exists()]
+    if zips:
+        raise CatDogError(f"{data_dir} holds {' and '.join(zips)} (Kaggle's data): --demo would write train/ and "
+                          "test/ beside them, which 01 then uses instead of the zips; run 01 without --demo to use "
+                          "them, or give --demo an empty --data-dir")
+    for sub in ("train", "test") if not generated else ():
+        entries = sorted(os.listdir(data_dir / sub)) if (data_dir / sub).is_dir() else []
+        if entries:
+            raise CatDogError(f"{data_dir / sub / entries[0]} is not demo data: {data_dir / sub}/ holds {len(entries)} "
+                              "entries --demo did not write, so it holds your own (Kaggle's?) images; run 01 without "
+                              "--demo to use them, or give --demo an empty --data-dir")
+
+
+def generated_files(marker: Path) -> dict[str, str]:
+    """The files .demo.json says --demo wrote: each a name directly in train/ or test/, where --demo writes, so
+    replacing them never removes anything elsewhere."""
+    old = read_json(marker) or {}
+    generated = old.get("files") if isinstance(old.get("files"), dict) else {}
+    for rel in generated:
+        sub, _, name = str(rel).partition("/")
+        if sub not in ("train", "test") or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            line = next((i for i, text in enumerate(marker.read_text().splitlines(), start=1)
+                         if text.lstrip().startswith(json.dumps(rel))), "?")
+            raise CatDogError(f"{marker}, line {line}: {rel!r} is not a file in train/ or test/, where --demo "
+                              f"writes: {marker.name} was not written by --demo (or was edited), nothing was removed; "
+                              "give --demo an empty --data-dir")
+    return generated
+
+
 def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = DEFAULT_SEED) -> Path:
     """Write a demo dataset in Kaggle's layout: train/{cat,dog}.N.jpg, test/N.jpg, plus test truth.
 
@@ -82,8 +115,9 @@ def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = DEFAUL
     data_dir = Path(data_dir)
     marker = data_dir / DEMO_MARKER
     spec = {"n_per_class": n_per_class, "seed": seed}
+    generated = generated_files(marker)
+    refuse_real_data(data_dir, generated)
     old = read_json(marker) or {}
-    generated = old.get("files") if isinstance(old.get("files"), dict) else {}
     if {k: old.get(k) for k in spec} == spec and all((data_dir / r).is_file() for r in generated):
         log.info(f"demo data in {data_dir} already made with {spec}: kept")
         return data_dir

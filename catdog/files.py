@@ -1,7 +1,8 @@
 """Safe file writing: every output is written to a temp name of this process's own and renamed into place when
-complete, so a killed run leaves the old file or the new one, never half of one; and the sha256 of files.
+complete, so a killed run leaves the old file or the new one, never half of one; the sha256 of files; names read
+from files kept inside their folder; and the lock that keeps two runs from writing one folder's shared files.
 
-Used by: every step, and the modules that write (features, heads, models, plots).
+Used by: every step, and the modules that write (features, heads, models, plots); 01 (its lock on the data dir).
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def no_space(where: Path, doing: str, need: int, hint: str = "") -> CatDogError:
+    """The error for a full disk, once the partial output is gone: how much room the step needs, and where."""
+    amount = f": it needs about {need / 1e6:,.1f} MB free there" if need else ""
+    return CatDogError(f"no space left on the disk of {where}/ while {doing}{amount}; the partial output was "
+                       f"removed: free some space{hint} and rerun")
+
+
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     """Write a CSV atomically."""
     with atomic_path(path) as tmp:
@@ -113,3 +121,48 @@ def read_json(path: Path) -> dict | None:
         log.warning(f"{path} is not a JSON object written by this step: treated as absent")
         return None
     return obj
+
+
+def plain_name(name: str, where: str, fix: str) -> str:
+    """`name` if it is a plain file name; a CatDogError naming `where` (the file and line it was read from) if it is
+    a path (a folder in it, `..`, absolute): a name read from a file never leads out of the folder it belongs to."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CatDogError(f"{where}: {name!r} is a path, not a file name: {fix}")
+    return name
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, holder: str) -> Iterator[None]:
+    """Hold the lock file `path` (an exclusive fcntl.flock) for the block, or refuse at once, naming the process
+    that holds it. The kernel drops a flock when its process dies, so a killed run never blocks the next one; the
+    file is removed on exit, while still held, so no stale file stays behind. `holder` names this run (`01`)."""
+    import fcntl
+
+    path = Path(path)
+    while True:
+        try:  # O_NOFOLLOW: a symlink put in its place never makes the lock write elsewhere
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise CatDogError(f"cannot create the lock file {path} ({e.strerror}): {holder} needs a writable "
+                              f"{path.parent}/") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 200).decode(errors="replace").split(maxsplit=1)
+            os.close(fd)
+            pid, who = other[0] if other else "unknown", other[1].strip() if len(other) > 1 else holder
+            raise CatDogError(f"another {who} is running on {path.parent} (pid {pid}): wait until it has "
+                              f"finished, then rerun (two at once would mix their files)") from None
+        # The run before may have removed the file between our open and our lock: hold the one at `path` now.
+        with contextlib.suppress(FileNotFoundError):
+            now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {holder}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the release: a process waiting on this file then takes a new one
+        os.close(fd)

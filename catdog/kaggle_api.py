@@ -1,5 +1,5 @@
-"""The Kaggle API: credentials checked before any work, an authenticated client, and Kaggle's refusals and network
-failures as one line saying what to do.
+"""The Kaggle API: credentials checked before any work, an authenticated client, Kaggle's refusals and network
+failures as one line saying what to do, and the download of the competition's data.
 
 Used by: 01 --download and 07 --kaggle-submit.
 """
@@ -7,16 +7,22 @@ Used by: 01 --download and 07 --kaggle-submit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from .common import CatDogError, log
+from .files import no_space
 
 KAGGLE_COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 KAGGLE_RULES = f"https://www.kaggle.com/c/{KAGGLE_COMPETITION}/rules"
+KAGGLE_FILES = ("train.zip", "test.zip")
+# Kaggle writes (and resumes) a download in place: staged here, a half file never passes for a finished zip.
+DOWNLOAD_STAGE = ".kaggle-download"
 
 
 def kaggle_credentials(flag: str) -> None:
@@ -92,3 +98,38 @@ def kaggle_call(doing: str) -> Iterator[None]:
         raise CatDogError(f"could not reach Kaggle while {doing} ({type(e).__name__}): check the network "
                           "connection and rerun") from e
 
+
+
+def download_competition(data: Path) -> None:
+    """Download the competition's train.zip and test.zip into `data` (01 --download), each unless it or its folder
+    is there. Kaggle is not asked (nor credentials needed) when both are. A download interrupted is resumed by a
+    rerun."""
+    if data.exists() and not data.is_dir():
+        raise CatDogError(f"--data-dir {data} is a file, not a folder: give the folder to download into")
+    missing = []
+    for name in KAGGLE_FILES:
+        folder, archive = data / Path(name).stem, data / name
+        if folder.is_dir() or archive.is_file():
+            have = f"{folder}/" if folder.is_dir() else str(archive)
+            log.info(f"--download: {have} is already there: {name} not downloaded")
+        else:
+            missing.append(name)
+    if not missing:
+        return
+    api = kaggle_api("--download")
+    stage = data / DOWNLOAD_STAGE
+    for name in missing:
+        log.info(f"downloading {name} of {KAGGLE_COMPETITION} from Kaggle into {data}/")
+        try:
+            with kaggle_call(f"downloading {name}"):
+                api.competition_download_file(KAGGLE_COMPETITION, name, path=str(stage), quiet=False, unzip=True)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise no_space(data, f"downloading {name}", 0) from e
+            raise
+        if not (stage / name).is_file():
+            raise CatDogError(f"Kaggle's download of {name} left no {stage / name}: rerun; if it happens again, "
+                              f"download {name} from {KAGGLE_RULES.removesuffix('/rules')}/data into {data}/")
+        os.replace(stage / name, data / name)
+    shutil.rmtree(stage, ignore_errors=True)

@@ -193,7 +193,7 @@ def test_blend_of_kfold_models_is_fitted_and_judged_on_oof_rows(kfold, tmp_path)
     table = pd.read_csv(kfold["model"] / "blend" / "results.csv")
     assert sorted(table.model[:2]) == sorted(names) and table.model.iloc[2] == "blend"
     assert table.fitted_log_loss.iloc[2] <= table.log_loss[:2].min() + 1e-9  # the blend fits at least as well
-    suspects = script("01").read_name_list(kfold["model"] / "analysis" / "suspects.txt")
+    suspects = helper.read_name_list(kfold["model"] / "analysis" / "suspects.txt")
     assert suspects and set(suspects) <= set(rows)  # 01 --exclude reads it; only judged rows
 
 

@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import jpeg_bytes, run, script
+from conftest import ROOT, jpeg_bytes, run, script
 
 import catdog.demo
 import helper
@@ -65,13 +65,13 @@ def test_split_rejects_bad_fraction(frac):
 def test_read_name_list_skips_comments(tmp_path):
     f = tmp_path / "ex.txt"
     f.write_text("# header\ncat.1.jpg  # wrong label\n\n  dog.2.jpg\n")
-    assert script("01").read_name_list(f) == ["cat.1.jpg", "dog.2.jpg"]
+    assert helper.read_name_list(f) == ["cat.1.jpg", "dog.2.jpg"]
     with pytest.raises(CatDogError, match="no such file"):
-        script("01").read_name_list(tmp_path / "missing.txt")
+        helper.read_name_list(tmp_path / "missing.txt")
 
 
 def test_shipped_exclude_list_names_the_reports_images():
-    names = script("01").read_name_list(helper.Path(__file__).parents[1] / "data" / "exclude_report.txt")
+    names = helper.read_name_list(ROOT / "data" / "exclude_report.txt")
     assert len(names) == 11 and "cat.4085.jpg" in names and "dog.4334.jpg" in names
     assert all(helper.parse_train_name(n) for n in names)
 
@@ -226,7 +226,7 @@ def test_bad_input_gets_one_clear_error(tmp_path, setup, message):
 
 
 def test_cli_prints_one_line_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, str(helper.Path(__file__).parents[1] / "01_reorganize_data.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "01_reorganize_data.py"),
                         "--data-dir", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("error: neither") and "Traceback" not in r.stderr
@@ -487,7 +487,7 @@ def test_full_disk_while_extracting_leaves_nothing_partial(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_flag_error_is_quick_one_line_and_01_never_imports_tensorflow(tmp_path):
-    script_path = str(helper.Path(__file__).parents[1] / "01_reorganize_data.py")
+    script_path = str(ROOT / "01_reorganize_data.py")
     start = time.monotonic()
     r = subprocess.run([sys.executable, script_path, "--data-dir", str(tmp_path), "--workers", "0"],
                        capture_output=True, text=True, timeout=120)
@@ -498,7 +498,7 @@ def test_cli_flag_error_is_quick_one_line_and_01_never_imports_tensorflow(tmp_pa
             "m = importlib.import_module('01_reorganize_data');"
             "m.main(m.parse_args(['--data-dir', sys.argv[2], '--demo', '3']));"
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, str(helper.Path(script_path).parent), str(tmp_path)],
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "False False"
@@ -677,32 +677,6 @@ def test_bad_extra_data_gets_one_clear_error(tmp_path, setup, given, message):
     with pytest.raises(CatDogError, match=message.format(given=given)):
         run("01", "--data-dir", data, "--extra-data", given)
     assert (data / "split.csv").read_bytes() == split
-
-
-@pytest.mark.parametrize("text, source", [
-    ("filename,label,subset\ncat.1.jpg,0,train\ndog.1.jpg,1,valid\n", ["kaggle", "kaggle"]),  # an older 01's
-    ("filename,label,subset,source\ncat.1.jpg,0,train,kaggle\nbeagle_4.jpg,1,train,oxford-pets\n",
-     ["kaggle", "oxford-pets"]),
-])
-def test_read_split_reads_both_forms(tmp_path, text, source):
-    (tmp_path / "split.csv").write_text(text)
-    split = helper.read_split(tmp_path)
-    assert list(split.columns) == ["filename", "label", "subset", "source"] and split.source.tolist() == source
-    assert split.label.tolist() == [0, 1]
-
-
-@pytest.mark.parametrize("text", [
-    "garbled", "", "filename,label,subset,source\n",
-    "filename,label,subset,source\ncat.1.jpg,0,train,flickr\n",
-    "filename,label,subset,source,extra\ncat.1.jpg,0,train,kaggle,1\n",
-    "filename,label,source\ncat.1.jpg,0,kaggle\n",
-    "filename,label,subset\ncat.1.jpg,2,train\n", "filename,label,subset\ncat.1.jpg,cat,train\n",
-    "filename,label,subset\ncat.1.jpg,0,test\n",
-])
-def test_read_split_refuses_garbage(tmp_path, text):
-    (tmp_path / "split.csv").write_text(text)
-    with pytest.raises(CatDogError, match="is not a split file made by 01_reorganize_data.py: rerun it"):
-        helper.read_split(tmp_path)
 
 
 def test_feature_step_picks_up_extra_rows(tmp_path):
