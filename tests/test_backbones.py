@@ -126,9 +126,9 @@ def test_steps_accept_the_new_names_and_refuse_unknown_ones(capsys):
         assert script("04").parse_args(["--model", name]).model == name
     for number, argv in [("02", ["--models", "EfficientNetV2M"]), ("05", ["--models", "ResNet50", "ConvNextBase"]),
                          ("04", ["--model", "NASNetLarge"])]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             script(number).parse_args(argv)
-        assert f"invalid choice: '{argv[-1]}'" in capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {argv[0]}: invalid choice: '{argv[-1]}'" in capsys.readouterr().err
     with pytest.raises(CatDogError, match=r"unknown backbone 'ConvnextBase': did you mean ConvNeXtBase\? choose "
                                           r"from .*ResNet152V2"):
         helper.get_backbone("ConvnextBase")
@@ -170,9 +170,9 @@ def test_extract_new_backbones_on_demo_data(demo):
 
 def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
     data = demo["data"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         script("02").parse_args(["--models", "EfficientNetV2S", "--image-size", "31"])
-    assert "31 is not an integer >= 32" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --image-size: 31 is not an integer >= 32" in capsys.readouterr().err
     before = sorted(p.name for p in (data / helper.FEATURES).iterdir())
     with pytest.raises(CatDogError, match="InceptionV3 needs --image-size >= 75, got 32: raise --image-size"):
         run("02", "--data-dir", data, "--models", "ResNet152V2", "InceptionV3", "--weights", "none",

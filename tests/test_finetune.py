@@ -346,7 +346,7 @@ def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monke
     assert sequences[0][0, 0] != sequences[0][1, 0]  # a new order each epoch
 
 
-def test_bad_input(pipeline, tmp_path):
+def test_bad_input(pipeline, tmp_path, capsys):
     d = ["--data-dir", pipeline["data"], "--model-dir", tmp_path / "model"]
     cnn = ["--weights", "none", "--image-size", IMAGE_SIZE]
     with pytest.raises(CatDogError, match=r"single/ResNet50.keras: run 03_train_single.py"):
@@ -357,5 +357,6 @@ def test_bad_input(pipeline, tmp_path):
         helper.load_features(["ResNet50_conv4_block6_out_maps"], pipeline["data"])
     with pytest.raises(CatDogError, match="nothing comes after it"):
         run("04", *d, *cnn, "--split-layer", "conv5_block3_out")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         script("04").parse_args(["--model", "VGG16"])  # no split point registered
+    assert e.value.code == 2 and "argument --model: invalid choice: 'VGG16'" in capsys.readouterr().err

@@ -95,9 +95,9 @@ def test_folds_are_the_same_for_every_model(kfold):
 
 def test_folds_1_is_refused(capsys):
     for number in ("03", "05"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             script(number).parse_args(["--folds", "1"])
-        assert "--folds: 1 is not an integer >= 2" in capsys.readouterr().err
+        assert e.value.code == 2 and "argument --folds: 1 is not an integer >= 2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- blend, calibrate, clip
@@ -208,12 +208,13 @@ def test_calibrate_a_single_model_on_its_valid_rows(pipeline, tmp_path):
     assert info["weights"] == {"ResNet50+InceptionV3": 1.0} and info["clip"] == list(helper.CLIP)
 
 
-def test_blend_bad_input(kfold, tmp_path):
+def test_blend_bad_input(kfold, tmp_path, capsys):
     d = kfold["d"]
     with pytest.raises(CatDogError, match=r"--blend NoSuchModel: no such model.*found: .*ResNet50_k3"):
         run("07", *d, "--output", tmp_path / "s.csv", "--blend", "NoSuchModel")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         s07().parse_args(["--blend", "auto", "--model", "x.keras"])
+    assert e.value.code == 2 and "--model and --blend exclude each other" in capsys.readouterr().err
     # A K-fold model of another split ...
     other = tmp_path / "model"
     shutil.copytree(kfold["model"] / "single", other / "single")

@@ -416,8 +416,9 @@ def test_flag_out_of_range_is_refused_by_argparse(flag, value, accepted, capsys)
 
 
 def test_help_shows_the_ranges(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         step01.parse_args(["-h"])
+    assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "[an integer >= 1]" in text and "[a number > 0 and < 1]" in text and "[an integer >= 2]" in text
 

@@ -181,12 +181,12 @@ def test_tta_analysis_prints_both_losses(viewed, tmp_path, caplog):
     assert "val log loss without TTA" in caplog.text and "val log loss with TTA" in caplog.text
 
 
-def test_views_bad_input(pipeline, tmp_path):
+def test_views_bad_input(pipeline, tmp_path, capsys):
     d = ["--data-dir", pipeline["data"], "--model-dir", tmp_path / "model"]
-    with pytest.raises(SystemExit):
-        script("02").parse_args(["--views", "0"])
-    with pytest.raises(SystemExit):
-        script("03").parse_args(["--views", "0"])
+    for number in ("02", "03"):
+        with pytest.raises(SystemExit) as e:
+            script(number).parse_args(["--views", "0"])
+        assert e.value.code == 2 and "argument --views: 0 is not an integer >= 1" in capsys.readouterr().err
     with pytest.raises(CatDogError, match=r"ResNet50\.h5 holds no augmented views.*--views 3"):
         run("03", *d, *HEAD, "--models", "ResNet50", "--views", 3)
     with pytest.raises(CatDogError, match=r"holds no augmented views"):
