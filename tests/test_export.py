@@ -1,9 +1,11 @@
 """08_export_model.py, predict.py and Grad-CAM: one model from pixels to P(dog), and where it looked."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,6 +72,42 @@ def test_every_format_agrees_with_07s_feature_path(pipeline, exported, which):
     meta = json.loads((folder / "export.json").read_text())
     assert meta["source"] == str(model_path.resolve()) and meta["clip"] == list(helper.CLIP)
     assert [b["backbone"] for b in meta["backbones"]] == helper.load_model(model_path)[1]["features"]
+
+
+def test_08_and_predict_on_a_small_demo(tmp_path, capsys):
+    """The fast tier's 08 and predict.py main paths: a VGG16 head at 32 px (the smallest graph to export) on a small
+    demo, exported with float32 TFLite. Every format gives 07's P(dog) (the tolerances of the test above), and
+    predict.py prints it, clipped, for each test image."""
+    d = ["--data-dir", tmp_path / "data", "--model-dir", tmp_path / "model"]
+    run("01", *d, "--demo", 6)
+    run("02", *d, "--weights", "none", "--image-size", 32, "--models", "VGG16", "--batch-size", 8)
+    run("03", *d, "--models", "VGG16", "--batch-size", 4, "--epochs", 2, "--no-predict")
+    model_path = tmp_path / "model" / "single" / "VGG16.keras"
+    info = run("08", *d, "--model", model_path, "--quantize", "none")
+    folder = tmp_path / "model" / "export"
+    assert info["input_size"] == 32 and info["max_diff_vs_features"] < 1e-4
+    model, meta = helper.load_model(model_path)
+    expected = helper.load_features(meta["features"], tmp_path / "data", parts=("test",)).predict(model, "test")
+    _, paths = helper.test_images(tmp_path / "data")
+    pixels = np.stack([helper.load_pixels(p, 32) for p in paths])
+    assert len(paths) == 3 and np.ptp(expected) > 0  # three test images, not a constant model
+    got = helper.load_keras(folder / "catdog.keras").predict(pixels, verbose=0).ravel()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(tflite_predict(folder / "catdog.tflite", pixels), expected, atol=1e-3)
+    spec = importlib.util.spec_from_file_location("predict", ROOT / "predict.py")
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    capsys.readouterr()
+    assert predict.main(predict.parse_args([*paths, "--model", str(folder / "catdog.tflite"), "--json"])) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["file"] for row in rows] == paths and all(row["error"] is None for row in rows)
+    np.testing.assert_allclose([row["p_dog"] for row in rows], np.clip(expected, *helper.CLIP), atol=1e-3)
+    assert [row["label"] for row in rows] == ["dog" if p >= 0.5 else "cat" for p in np.clip(expected, *helper.CLIP)]
+    assert predict.main(predict.parse_args([paths[0], "--model", str(folder / "catdog.keras"), "--cam",
+                                            str(tmp_path / "cam")])) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{paths[0]}\t") and f"\t{np.clip(expected[0], *helper.CLIP):.4f}\t" in line
+    assert (tmp_path / "cam" / f"{Path(paths[0]).stem}_cam.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_export_is_one_flat_graph(exported):
