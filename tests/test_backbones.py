@@ -39,6 +39,7 @@ def assert_close(got, expected, rel: float = 1e-4):
     assert np.abs(got - expected).max() <= rel * np.abs(expected).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FACTS))
 def test_new_backbone_matches_keras_at_its_smallest_size(name):
     """Registry size/width/min_size; our preprocess + backbone gives what Keras's network gives on its documented
@@ -146,6 +147,7 @@ def demo(tmp_path_factory):
     return {"data": data, "split": split, "table": table}
 
 
+@pytest.mark.slow
 def test_extract_new_backbones_on_demo_data(demo):
     """02's files have the registry's widths; ConvNeXt's features are the mean of Keras's maps of the raw 0-255
     pixels (the same seeded network 02 built)."""
@@ -168,6 +170,7 @@ def test_extract_new_backbones_on_demo_data(demo):
     keras.backend.clear_session()
 
 
+@pytest.mark.slow
 def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
     data = demo["data"]
     with pytest.raises(SystemExit) as e:
@@ -180,6 +183,7 @@ def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
     assert sorted(p.name for p in (data / helper.FEATURES).iterdir()) == before  # ResNet152V2 not started
 
 
+@pytest.mark.slow
 def test_finetune_splits_efficientnetv2s(demo, tmp_path):
     """04 on a new splittable backbone: caches the maps at its split layer and trains the last block + head."""
     data = demo["data"]
@@ -191,6 +195,7 @@ def test_finetune_splits_efficientnetv2s(demo, tmp_path):
     assert (tmp_path / "finetune" / "EfficientNetV2S_random.keras").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["EfficientNetV2S", "ConvNeXtBase"])
 def test_export_branch_feeds_raw_pixels_like_02(name):
     """08 probes preprocess_input into a 1x1 convolution: for a model that normalises inside it is the identity;

@@ -52,6 +52,7 @@ def tflite_predict(path, pixels):
     return it.get_tensor(it.get_output_details()[0]["index"]).ravel()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["single", "merge"])
 def test_every_format_agrees_with_07s_feature_path(pipeline, exported, which):
     """The demo's features are 75 px and so is the export's input: predict.py's Pillow stretch is 02's, and the
@@ -110,6 +111,7 @@ def test_08_and_predict_on_a_small_demo(tmp_path, capsys):
     assert (tmp_path / "cam" / f"{Path(paths[0]).stem}_cam.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_export_is_one_flat_graph(exported):
     import keras
     model = helper.load_keras(exported["merge"][1] / "catdog.keras")
@@ -120,6 +122,7 @@ def test_export_is_one_flat_graph(exported):
     assert model.get_layer("concat").output.shape[-1] == 3 * 2048
 
 
+@pytest.mark.slow
 def test_split_fine_tuned_model_exports(pipeline, tmp_path):
     """04's split model: the backbone is rebuilt and the fine-tuned block's weights put back. 07 feeds it the
     float16 maps cache, the export computes the maps in float32: agreement to 0.01."""
@@ -141,6 +144,7 @@ def test_split_fine_tuned_model_exports(pipeline, tmp_path):
     np.testing.assert_allclose(tflite_predict(model_dir / "export" / "catdog.tflite", pixels), expected, atol=0.01)
 
 
+@pytest.mark.slow
 def test_full_mode_model_exports(pipeline, tmp_path):
     """04 --mode full: the nested backbone's fine-tuned weights go into the flat graph; 07 reads the same images
     through Pillow at the same size, so the export agrees to float32 rounding."""
@@ -197,6 +201,7 @@ def test_grad_cam_equals_the_analytic_map():
     np.testing.assert_allclose(cams[0], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_cam_on_the_exported_merged_model(pipeline, exported, tmp_path):
     model = helper.load_keras(exported["merge"][1] / "catdog.keras")
     _, pixels = feature_path_and_pixels(pipeline, exported["merge"][2])
@@ -213,6 +218,7 @@ def predict_cli(*argv):
                           text=True, env=ENV, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_predict_classifies_good_files_and_names_bad_ones(pipeline, exported, tmp_path):
     folder = exported["merge"][1]
     test = pipeline["data"] / "test"
@@ -241,6 +247,7 @@ def test_predict_classifies_good_files_and_names_bad_ones(pipeline, exported, tm
     assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == ["1_cam.png", "2_cam.png"]
 
 
+@pytest.mark.slow
 def test_predict_refuses_what_it_cannot_do(exported, tmp_path):
     folder = exported["merge"][1]
     r = predict_cli("x.jpg", "--model", folder / "catdog.tflite", "--cam", tmp_path)
@@ -253,6 +260,7 @@ def test_predict_refuses_what_it_cannot_do(exported, tmp_path):
         helper.load_model(tmp_path / "split.csv")  # 07/08 --model given the wrong file
 
 
+@pytest.mark.slow
 def test_07_analyze_draws_grad_cam_of_the_worst_images(pipeline, exported, tmp_path):
     run("07", "--data-dir", pipeline["data"], "--model-dir", pipeline["model"], "--model", exported["merge"][2],
         "--output", tmp_path / "s.csv", "--analyze", "--top", 3)
@@ -276,6 +284,7 @@ def test_export_refuses_what_it_cannot_rebuild(tmp_path):
         export.pixel_model(single, draft, tmp_path / "m.keras", None)
 
 
+@pytest.mark.slow
 def test_backbones_of_different_sizes(tmp_path):
     """ResNet50 at 64 px beside InceptionV3 at 75: the export's input is 75 px and the ResNet50 branch resizes
     75 -> 64 in the graph, so its pixels are resampled twice where 02 resized once. On the demo that moves P(dog)

@@ -20,6 +20,7 @@ MAPS = "ResNet50_conv5_block2_out_maps"
 SMALL = {"ResNet50": 64, "InceptionV3": 75, "Xception": 71}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 def test_split_model_equals_the_full_model_with_shared_layers(name):
     import keras
@@ -217,6 +218,7 @@ def test_variants_results_and_logs(finetuned):
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process_and_07_submits_it(pipeline, finetuned, tmp_path):
     path = finetuned["model"] / "finetune" / "ResNet50_warmup.keras"
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
@@ -242,6 +244,7 @@ print(json.dumps(m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0).rave
         saved["ResNet50_warmup"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_maps_cache(pipeline, finetuned, caplog):
     path = pipeline["data"] / "features" / f"{MAPS}.h5"
     mtime = path.stat().st_mtime_ns
@@ -253,6 +256,7 @@ def test_rerun_reuses_the_maps_cache(pipeline, finetuned, caplog):
     assert "reading maps from RAM" in caplog.text
 
 
+@pytest.mark.slow
 def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_path):
     model_dir = tmp_path / "model"
     d = ["--data-dir", pipeline["data"], "--model-dir", model_dir]
@@ -324,6 +328,7 @@ def test_results_describe_the_saved_models(pipeline, finetuned):
         assert meta["args"]["image_size"] == int(IMAGE_SIZE) and meta["args"]["split_layer"] == "conv5_block2_out"
 
 
+@pytest.mark.slow
 def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monkeypatch):
     module = script("04")
     seen = {}

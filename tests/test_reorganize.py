@@ -705,6 +705,7 @@ def test_read_split_refuses_garbage(tmp_path, text):
         helper.read_split(tmp_path)
 
 
+@pytest.mark.slow
 def test_feature_step_picks_up_extra_rows(tmp_path):
     import h5py
     data, pets = tmp_path / "data", tmp_path / "pets"
