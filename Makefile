@@ -7,7 +7,7 @@ HEAD := --batch-size 16
 # Heads trained on augmented views (beyond the report) go to a model dir of their own.
 V := --data-dir $(DEMO)/data --model-dir $(DEMO)/model_views
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test test-fast lint clean-demo
 demo:
 	$(PY) 01_reorganize_data.py $(D) --demo 50
 	$(PY) 02_extract_features.py $(D) --weights none --image-size 75 --models ResNet50 InceptionV3 Xception --views 4
@@ -32,8 +32,13 @@ demo:
 	@echo "blended, calibrated, clipped), tta.csv; suspects in $(DEMO)/model/analysis/suspects.txt; Grad-CAM overlays"
 	@echo "in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/"
 
+# Every test, slow ones included: what CI runs.
 test:
 	$(PY) -m pytest -q
+
+# The fast tier: every step's main path on demo data plus the unit tests (a few minutes on 2 CPUs).
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
 
 lint:
 	ruff check .

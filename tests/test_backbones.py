@@ -39,6 +39,7 @@ def assert_close(got, expected, rel: float = 1e-4):
     assert np.abs(got - expected).max() <= rel * np.abs(expected).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FACTS))
 def test_new_backbone_matches_keras_at_its_smallest_size(name):
     """Registry size/width/min_size; our preprocess + backbone gives what Keras's network gives on its documented
@@ -126,9 +127,9 @@ def test_steps_accept_the_new_names_and_refuse_unknown_ones(capsys):
         assert script("04").parse_args(["--model", name]).model == name
     for number, argv in [("02", ["--models", "EfficientNetV2M"]), ("05", ["--models", "ResNet50", "ConvNextBase"]),
                          ("04", ["--model", "NASNetLarge"])]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             script(number).parse_args(argv)
-        assert f"invalid choice: '{argv[-1]}'" in capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {argv[0]}: invalid choice: '{argv[-1]}'" in capsys.readouterr().err
     with pytest.raises(CatDogError, match=r"unknown backbone 'ConvnextBase': did you mean ConvNeXtBase\? choose "
                                           r"from .*ResNet152V2"):
         helper.get_backbone("ConvnextBase")
@@ -146,6 +147,7 @@ def demo(tmp_path_factory):
     return {"data": data, "split": split, "table": table}
 
 
+@pytest.mark.slow
 def test_extract_new_backbones_on_demo_data(demo):
     """02's files have the registry's widths; ConvNeXt's features are the mean of Keras's maps of the raw 0-255
     pixels (the same seeded network 02 built)."""
@@ -168,11 +170,12 @@ def test_extract_new_backbones_on_demo_data(demo):
     keras.backend.clear_session()
 
 
+@pytest.mark.slow
 def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
     data = demo["data"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         script("02").parse_args(["--models", "EfficientNetV2S", "--image-size", "31"])
-    assert "31 is not an integer >= 32" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --image-size: 31 is not an integer >= 32" in capsys.readouterr().err
     before = sorted(p.name for p in (data / helper.FEATURES).iterdir())
     with pytest.raises(CatDogError, match="InceptionV3 needs --image-size >= 75, got 32: raise --image-size"):
         run("02", "--data-dir", data, "--models", "ResNet152V2", "InceptionV3", "--weights", "none",
@@ -180,6 +183,7 @@ def test_too_small_sizes_are_refused_before_any_work(demo, capsys):
     assert sorted(p.name for p in (data / helper.FEATURES).iterdir()) == before  # ResNet152V2 not started
 
 
+@pytest.mark.slow
 def test_finetune_splits_efficientnetv2s(demo, tmp_path):
     """04 on a new splittable backbone: caches the maps at its split layer and trains the last block + head."""
     data = demo["data"]
@@ -191,6 +195,7 @@ def test_finetune_splits_efficientnetv2s(demo, tmp_path):
     assert (tmp_path / "finetune" / "EfficientNetV2S_random.keras").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["EfficientNetV2S", "ConvNeXtBase"])
 def test_export_branch_feeds_raw_pixels_like_02(name):
     """08 probes preprocess_input into a 1x1 convolution: for a model that normalises inside it is the identity;

@@ -12,6 +12,7 @@ import helper
 from helper import CatDogError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(helper.BACKBONES))
 def test_backbone_builds_at_smallest_size(name):
     """Guards the registry's min_size and width (what 02 checks every request against) against Keras's models."""

@@ -40,6 +40,7 @@ def test_trials_stay_in_the_reports_space(searched):
     assert len(runs) == 3  # one TensorBoard run per trial
 
 
+@pytest.mark.slow
 def test_best_model_loads_in_a_fresh_process_with_keras2_decay(searched, pipeline):
     code = f"""
 import json, keras
@@ -64,6 +65,7 @@ def test_predict_picks_hyperopts_best(searched, pipeline, tmp_path):
     helper.validate_submission(sub, range(1, 16), helper.CLIP)
 
 
+@pytest.mark.slow
 def test_rerun_with_more_evals_continues(pipeline, tmp_path):
     search(pipeline, tmp_path, 2)
     first = pd.read_csv(tmp_path / "hyperopt" / "trials.csv")
@@ -85,6 +87,7 @@ def test_rerun_with_more_evals_continues(pipeline, tmp_path):
     pd.testing.assert_frame_equal(second.iloc[:2][["lr", "decay", "val_loss"]], first[["lr", "decay", "val_loss"]])
 
 
+@pytest.mark.slow
 def test_kopt_imports_twice_in_a_fresh_home(tmp_path):
     code = (f"import sys, importlib; sys.path.insert(0, {str(ROOT)!r}); "
             "s = importlib.import_module('06_hyperopt_merge'); "
@@ -132,6 +135,7 @@ def spark_missing() -> str:
     return ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(spark_missing()), reason=spark_missing() or "-")
 def test_spark_trials_on_local_2(pipeline, tmp_path):
     table = run("06", "--data-dir", pipeline["data"], "--model-dir", tmp_path, "--max-evals", 2, "--epochs", 2,

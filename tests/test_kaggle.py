@@ -182,9 +182,10 @@ def test_interrupted_download_never_passes_for_a_zip(tmp_path, fake_kaggle):
     assert (data / "train").is_dir() and not (data / ".kaggle-download").exists()
 
 
-def test_download_and_demo_exclude_each_other():
-    with pytest.raises(SystemExit):
+def test_download_and_demo_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
         script("01").parse_args(["--download", "--demo", "3"])
+    assert e.value.code == 2 and "--download and --demo exclude each other" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- credentials (helper's, 01's and 07's)
@@ -288,6 +289,7 @@ def test_submit_without_credentials_is_refused_before_the_model_loads(pipeline, 
     assert fake_kaggle.calls == [] and not out.exists()
 
 
-def test_submit_message_must_not_be_empty():
-    with pytest.raises(SystemExit):
+def test_submit_message_must_not_be_empty(capsys):
+    with pytest.raises(SystemExit) as e:
         script("07").parse_args(["--kaggle-submit", " "])
+    assert e.value.code == 2 and "--kaggle-submit is empty: give a message" in capsys.readouterr().err

@@ -48,6 +48,7 @@ def kfold(pipeline, tmp_path_factory):
     return {"d": d, "model": models, "data": pipeline["data"], "single": single, "merged": merged}
 
 
+@pytest.mark.slow
 def test_kfold_oof_covers_every_labelled_row_once_and_matches_the_fold_models(kfold):
     folder = kfold["model"] / "single" / f"ResNet50_k{FOLDS}"
     oof = pd.read_csv(folder / "oof.csv")
@@ -78,6 +79,7 @@ def test_kfold_oof_covers_every_labelled_row_once_and_matches_the_fold_models(kf
     np.testing.assert_allclose(sub.label, np.clip(test.prediction, *helper.CLIP), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_07_submits_a_kfold_folder_as_the_mean_of_its_folds(kfold, tmp_path):
     folder = kfold["model"] / "merge" / f"ResNet50+InceptionV3_k{FOLDS}"
     sub = run("07", *kfold["d"], "--model", folder, "--output", tmp_path / "k.csv")
@@ -87,6 +89,7 @@ def test_07_submits_a_kfold_folder_as_the_mean_of_its_folds(kfold, tmp_path):
     assert info["weights"] == {folder.name: 1.0} and info["temperature"] == 1.0
 
 
+@pytest.mark.slow
 def test_folds_are_the_same_for_every_model(kfold):
     a = pd.read_csv(kfold["model"] / "single" / f"ResNet50_k{FOLDS}" / "oof.csv").set_index("filename").fold
     b = pd.read_csv(kfold["model"] / "merge" / f"ResNet50+InceptionV3_k{FOLDS}" / "oof.csv").set_index("filename").fold
@@ -95,9 +98,9 @@ def test_folds_are_the_same_for_every_model(kfold):
 
 def test_folds_1_is_refused(capsys):
     for number in ("03", "05"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             script(number).parse_args(["--folds", "1"])
-        assert "--folds: 1 is not an integer >= 2" in capsys.readouterr().err
+        assert e.value.code == 2 and "argument --folds: 1 is not an integer >= 2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- blend, calibrate, clip
@@ -162,6 +165,7 @@ def test_cross_fitted_rows_never_see_their_own_labels():
         assert not np.allclose(before[stage][folds != 0], after[stage][folds != 0])
 
 
+@pytest.mark.slow
 def test_blend_of_kfold_models_is_fitted_and_judged_on_oof_rows(kfold, tmp_path):
     out = tmp_path / "blend.csv"
     sub = run("07", *kfold["d"], "--output", out, "--blend", "auto", "--calibrate", "temperature", "--clip", "auto",
@@ -208,12 +212,14 @@ def test_calibrate_a_single_model_on_its_valid_rows(pipeline, tmp_path):
     assert info["weights"] == {"ResNet50+InceptionV3": 1.0} and info["clip"] == list(helper.CLIP)
 
 
-def test_blend_bad_input(kfold, tmp_path):
+@pytest.mark.slow
+def test_blend_bad_input(kfold, tmp_path, capsys):
     d = kfold["d"]
     with pytest.raises(CatDogError, match=r"--blend NoSuchModel: no such model.*found: .*ResNet50_k3"):
         run("07", *d, "--output", tmp_path / "s.csv", "--blend", "NoSuchModel")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         s07().parse_args(["--blend", "auto", "--model", "x.keras"])
+    assert e.value.code == 2 and "--model and --blend exclude each other" in capsys.readouterr().err
     # A K-fold model of another split ...
     other = tmp_path / "model"
     shutil.copytree(kfold["model"] / "single", other / "single")

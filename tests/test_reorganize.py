@@ -417,8 +417,9 @@ def test_flag_out_of_range_is_refused_by_argparse(flag, value, accepted, capsys)
 
 
 def test_help_shows_the_ranges(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         step01.parse_args(["-h"])
+    assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "[an integer >= 1]" in text and "[a number > 0 and < 1]" in text and "[an integer >= 2]" in text
 
@@ -679,6 +680,7 @@ def test_bad_extra_data_gets_one_clear_error(tmp_path, setup, given, message):
     assert (data / "split.csv").read_bytes() == split
 
 
+@pytest.mark.slow
 def test_feature_step_picks_up_extra_rows(tmp_path):
     import h5py
     data, pets = tmp_path / "data", tmp_path / "pets"

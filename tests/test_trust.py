@@ -31,6 +31,7 @@ def cli(script_name, *argv, check=True):
 
 # ----------------------------------------------------------------------------- 1. same seed, same numbers
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_numbers_in_new_processes(pipeline, tmp_path):
     """03 and 05 run twice, each in its own process: results.csv and the histories are equal exactly (the
     CPU kernels are deterministic for a fixed seed and thread count)."""
@@ -55,6 +56,7 @@ def test_same_seed_gives_the_same_numbers_in_new_processes(pipeline, tmp_path):
                                pd.read_csv(a / "results.csv").val_loss, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_04_same_seed_same_numbers_in_new_processes(copied, tmp_path):
     """04 (random head on the cached maps) twice in new processes: equal results and histories; the time
     share spent reading maps is the one column that may differ."""
@@ -120,6 +122,7 @@ def test_a_test_folder_changed_after_extraction_is_refused(copied, tmp_path, cha
 
 # ----------------------------------------------------------------------------- 5. features a model was trained on
 
+@pytest.mark.slow
 def test_a_model_is_only_fed_the_features_it_was_trained_on(copied, tmp_path):
     d6 = [*copied["d"], "--max-evals", 1, "--epochs", 1, *HEAD, "--models", "ResNet50", "InceptionV3"]
     run("06", *d6)
@@ -173,6 +176,7 @@ def test_mixed_precision_is_part_of_the_reuse_check(copied):
 
 # ----------------------------------------------------------------------------- 8. files closed, temp names
 
+@pytest.mark.slow
 def test_two_processes_extracting_one_file_do_not_collide(copied):
     cmd = [sys.executable, str(ROOT / "02_extract_features.py"), "--data-dir", str(copied["data"]), "--weights",
            "none", "--image-size", "32", "--models", "VGG16", "--force", "--batch-size", "4"]
@@ -230,6 +234,7 @@ def test_sidecar_holds_every_flag_versions_and_feature_settings(pipeline, step, 
     assert meta["val_loss"] == pytest.approx(results.val_loss[path.split("/")[1][:-5]], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_07_prints_the_sidecar_of_the_model_it_submits(pipeline, tmp_path):
     r = cli("07_predict_submit.py", "--data-dir", pipeline["data"], "--model-dir", pipeline["model"],
             "--model", pipeline["model"] / "single" / "ResNet50.keras", "--output", tmp_path / "s.csv")

@@ -37,6 +37,7 @@ def direct_features(backbone: str, pixels: np.ndarray) -> np.ndarray:
     return helper.make_extract_step(model, bb.preprocess)(pixels.astype(np.float32)).numpy()
 
 
+@pytest.mark.slow
 def test_views_are_written_beside_the_plain_rows(viewed):
     for name, width in (("ResNet50", 2048), ("Xception", 2048)):
         path = helper.feature_path(viewed["data"], name)
@@ -48,6 +49,7 @@ def test_views_are_written_beside_the_plain_rows(viewed):
         assert helper.feature_file_state(path)["views"] == VIEWS
 
 
+@pytest.mark.slow
 def test_view_1_is_the_mirror_image(viewed):
     split = helper.read_split(viewed["data"])
     tv, = read(helper.feature_path(viewed["data"], "ResNet50"), "labelled_views")
@@ -58,6 +60,7 @@ def test_view_1_is_the_mirror_image(viewed):
     np.testing.assert_allclose(direct_features("ResNet50", mirrored), tv[1, :4], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_view_is_the_same_transformation_for_every_backbone(viewed):
     params = [read(helper.feature_path(viewed["data"], n), "labelled_view_params", "test_view_params")
               for n in ("ResNet50", "Xception")]
@@ -79,6 +82,7 @@ def test_a_view_is_the_same_transformation_for_every_backbone(viewed):
     assert np.array_equal(again, train_params[2])
 
 
+@pytest.mark.slow
 def test_views_are_part_of_the_file_settings(viewed, caplog):
     d = viewed["d"]
     common = ["--weights", "none", "--image-size", IMAGE_SIZE, "--models", "ResNet50", "--views-dtype", "float32"]
@@ -89,6 +93,7 @@ def test_views_are_part_of_the_file_settings(viewed, caplog):
     assert "views=3, now 2" in helper.stale_reason(path, settings, split, ids)
 
 
+@pytest.mark.slow
 def test_views_of_another_seed_are_refused_together(viewed, tmp_path):
     import shutil
     data = tmp_path / "data"
@@ -103,6 +108,7 @@ def test_views_of_another_seed_are_refused_together(viewed, tmp_path):
     assert helper.check_views(["ResNet50", "Xception"], data, 2) == 2  # views 0 and 1 do not depend on the seed
 
 
+@pytest.mark.slow
 def test_float16_views_are_the_plain_rows_rounded(tmp_path):
     d = ["--data-dir", tmp_path / "data", "--model-dir", tmp_path / "model"]
     run("01", *d, "--demo", 3)
@@ -111,6 +117,7 @@ def test_float16_views_are_the_plain_rows_rounded(tmp_path):
     assert tv.dtype == np.float16 and np.array_equal(tv[0], train.astype(np.float16))
 
 
+@pytest.mark.slow
 def test_heads_train_on_views_and_validate_on_plain_rows(viewed):
     d = viewed["d"]
     single = run("03", *d, *HEAD, "--models", "ResNet50", "--views", VIEWS, "--no-predict")
@@ -125,6 +132,7 @@ def test_heads_train_on_views_and_validate_on_plain_rows(viewed):
         assert helper.read_sidecar(viewed["model"] / step / f"{name}.keras")["args"]["views"] == VIEWS
 
 
+@pytest.mark.slow
 def test_06_searches_on_views(viewed):
     common = ["--max-evals", 2, "--epochs", 3, "--batch-size", 16, "--models", "ResNet50", "Xception"]
     plain = run("06", "--data-dir", viewed["data"], "--model-dir", viewed["root"] / "h1", *common)
@@ -153,6 +161,7 @@ def test_view_sampler_draws_one_view_per_row_the_same_in_every_backbone():
                                                      strict=True))  # seeded
 
 
+@pytest.mark.slow
 def test_tta_submission_is_the_clipped_mean_of_the_views(viewed, tmp_path):
     d = viewed["d"]
     model_path = viewed["model"] / "merge" / "ResNet50+Xception.keras"
@@ -172,6 +181,7 @@ def test_tta_submission_is_the_clipped_mean_of_the_views(viewed, tmp_path):
     assert not np.allclose(pd.read_csv(plain).label, sub.label)
 
 
+@pytest.mark.slow
 def test_tta_analysis_prints_both_losses(viewed, tmp_path, caplog):
     d = viewed["d"]
     caplog.set_level("INFO", logger="catdog")
@@ -182,12 +192,12 @@ def test_tta_analysis_prints_both_losses(viewed, tmp_path, caplog):
     assert "val log loss without TTA" in caplog.text and "val log loss with TTA" in caplog.text
 
 
-def test_views_bad_input(pipeline, tmp_path):
+def test_views_bad_input(pipeline, tmp_path, capsys):
     d = ["--data-dir", pipeline["data"], "--model-dir", tmp_path / "model"]
-    with pytest.raises(SystemExit):
-        script("02").parse_args(["--views", "0"])
-    with pytest.raises(SystemExit):
-        script("03").parse_args(["--views", "0"])
+    for number in ("02", "03"):
+        with pytest.raises(SystemExit) as e:
+            script(number).parse_args(["--views", "0"])
+        assert e.value.code == 2 and "argument --views: 0 is not an integer >= 1" in capsys.readouterr().err
     with pytest.raises(CatDogError, match=r"ResNet50\.h5 holds no augmented views.*--views 3"):
         run("03", *d, *HEAD, "--models", "ResNet50", "--views", 3)
     with pytest.raises(CatDogError, match=r"holds no augmented views"):
