@@ -1,5 +1,6 @@
 """Shared fixtures: the numbered scripts loaded as modules, and demo datasets run through the pipeline."""
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -35,6 +36,18 @@ def run(number: str, *argv):
     """Call a script's main() the way its command line would."""
     module = script(number)
     return module.main(module.parse_args([str(a) for a in argv]))
+
+
+def tree_digest(folder) -> dict[str, str]:
+    """Every file under `folder` and its sha256: what must not change."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def derived_files(data) -> list[str]:
+    """The entries 01 laid out under train2/, splitted/ and test2/, relative to the data folder."""
+    return sorted(os.path.relpath(os.path.join(r, f), data) for top in ("train2", "splitted", "test2")
+                  for r, _, fs in os.walk(data / top) for f in fs)
 
 
 def jpeg_bytes(mode="RGB", size=(60, 40), fmt="JPEG") -> bytes:
