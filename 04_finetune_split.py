@@ -359,7 +359,7 @@ def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
 
 # The settings that decide what a backbone computes from an image: 03's head must have been trained on
 # features made with the same ones for --init baseline to start from it. Not the precision: a head is only a start
-# there (or a comparison), and bfloat16 features differ from float32 ones by less than the seeds do.
+# there (or a comparison), and bfloat16 moves features by under 1% (benchmarks/precision_bench.md).
 NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed")
 
 
