@@ -35,13 +35,13 @@ def parse_args(argv=None):
                         "shifts and brightness, the same for every backbone) for heads' --views and 07 --tta")
     p.add_argument("--views-dtype", default="float16", choices=["float16", "float32"],
                    help="storage type of the views (float16 halves the files; the plain rows stay float32)")
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (for GPUs)")
+    helper.precision_args(p, "the CNNs (a setting of the feature files)", mixed_precision=True)
     p.add_argument("--multi-gpu", action="store_true", help="split batches across all visible GPUs")
     p.add_argument("--force", action="store_true", help="recompute even complete feature files")
     return p.parse_args(argv)
 
 
-def plan(args) -> dict[str, helper.ExtractSettings]:
+def plan(args, precision: str) -> dict[str, helper.ExtractSettings]:
     """Each requested backbone's settings, all checked before the first one starts (a size too small for the
     last backbone must not surface after minutes of extracting the first)."""
     if args.views > 1 and args.decoder != "pil":
@@ -55,45 +55,41 @@ def plan(args) -> dict[str, helper.ExtractSettings]:
                               f"extract {name} in a run of its own at its native size")
         helper.resolve_weights(args.weights, bb)  # a missing weights file, named now
         settings[name] = helper.ExtractSettings(name, size, args.interpolation, args.decoder, args.jpeg_draft,
-                                                args.weights, args.seed, args.mixed_precision, views=args.views,
+                                                args.weights, args.seed, precision, views=args.views,
                                                 views_dtype=args.views_dtype if args.views > 1 else "")
     return settings
 
 
 def main(args):
-    settings = plan(args)
+    settings = plan(args, helper.resolve_precision(args.precision))
     split = helper.read_split(args.data_dir)
     test_ids = helper.laid_out_test_ids(args.data_dir)
     import keras
     import tensorflow as tf
 
     strategy = tf.distribute.MirroredStrategy() if args.multi_gpu else tf.distribute.get_strategy()
-    if args.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
     rows = []
-    try:
-        for name, s in settings.items():
-            bb = helper.get_backbone(name)
-            path = helper.feature_path(args.data_dir, name)
-            reason = "forced" if args.force else helper.stale_reason(path, s, split, test_ids)
-            if not reason:
-                log.info(f"{path} is complete with these settings: skipped (--force recomputes)")
-                continue
-            log.info(f"{name}: {reason}; extracting at {s.image_size} px")
-            helper.set_seed(args.seed)  # makes --weights none reproducible (and 04's network the same)
+    for name, s in settings.items():
+        bb = helper.get_backbone(name)
+        path = helper.feature_path(args.data_dir, name)
+        reason = "forced" if args.force else helper.stale_reason(path, s, split, test_ids)
+        if not reason:
+            log.info(f"{path} is complete with these settings: skipped (--force recomputes)")
+            continue
+        log.info(f"{name}: {reason}; extracting at {s.image_size} px in {s.precision}")
+        helper.set_seed(args.seed)  # makes --weights none reproducible (and 04's network the same)
+        # Per backbone: clear_session() below resets Keras's dtype policy too.
+        with helper.precision_policy(s.precision):
             with strategy.scope():
                 model = bb.build(args.weights, s.image_size)
             start = time.perf_counter()
             step = helper.make_extract_step(model, bb.preprocess, strategy)
             n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, s, args.batch_size, strategy)
-            secs = time.perf_counter() - start
-            rows.append({"backbone": name, "images": n, "seconds": round(secs, 1),
-                         "images_per_s": round(n / secs, 1), "MB": round(path.stat().st_size / 2**20, 1)})
-            log.info(f"wrote {path}")
-            keras.backend.clear_session()
-    finally:
-        if args.mixed_precision:
-            keras.mixed_precision.set_global_policy("float32")
+        secs = time.perf_counter() - start
+        rows.append({"backbone": name, "images": n, "seconds": round(secs, 1),
+                     "images_per_s": round(n / secs, 1), "MB": round(path.stat().st_size / 2**20, 1)})
+        log.info(f"wrote {path}")
+        keras.backend.clear_session()
     table = pd.DataFrame(rows, columns=["backbone", "images", "seconds", "images_per_s", "MB"])
     if rows:
         log.info("\n" + table.to_string(index=False))

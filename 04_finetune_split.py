@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="images per batch when caching maps")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS, help="resize method")
     p.add_argument("--decoder", default="pil", choices=helper.DECODERS, help="image decoder (see 02)")
+    helper.precision_args(p, "the backbone, for the maps cache and the training (bfloat16 needs no loss scaling; "
+                             "float16 gets Keras's)")
     p.add_argument("--load", default="auto", choices=["auto", "ram", "stream"],
                    help="maps in RAM, streamed from HDF5, or auto: RAM if they fit in half the available memory")
     p.add_argument("--force", action="store_true", help="recompute the maps cache even if it is complete")
@@ -145,7 +147,8 @@ def classifier(base, input_shape, input_name: str, dropout: float, name: str):
     x = base(inp)
     x = keras.layers.GlobalAveragePooling2D(name=helper.POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout)(x)
-    out = keras.layers.Dense(1, activation="sigmoid", name=helper.PREDICTION_LAYER)(x)
+    # float32 under a mixed policy too (as Keras's mixed-precision guide says): a stable sigmoid and loss.
+    out = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=helper.PREDICTION_LAYER)(x)
     return keras.Model(inp, out, name=name)
 
 
@@ -355,7 +358,8 @@ def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
 # ----------------------------------------------------------------------------- training
 
 # The settings that decide what a backbone computes from an image: 03's head must have been trained on
-# features made with the same ones for --init baseline to start from it.
+# features made with the same ones for --init baseline to start from it. Not the precision: a head is only a start
+# there (or a comparison), and bfloat16 moves features by under 1% (benchmarks/precision_bench.md).
 NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed")
 
 
@@ -404,6 +408,13 @@ def fit_phases(model, base, block, train, val, args, config: helper.HeadConfig, 
 
 
 def main(args):
+    args.precision = helper.resolve_precision(args.precision)  # resolved, so the sidecar's args hold what was used
+    # Every layer built in the policy: the backbone (maps and the fine-tuned block) and the head.
+    with helper.precision_policy(args.precision):
+        return finetune(args)
+
+
+def finetune(args):
     bb = helper.get_backbone(args.model)
     split = helper.read_split(args.data_dir)
     model_dir = Path(args.model_dir)
@@ -414,7 +425,7 @@ def main(args):
     extractor, tail = split_model(full, args.split_layer)
     settings = helper.ExtractSettings(backbone=bb.name, image_size=args.image_size, interpolation=args.interpolation,
                                       decoder=args.decoder, weights=args.weights, seed=args.seed,
-                                      split_layer=args.split_layer, dtype=args.dtype)
+                                      split_layer=args.split_layer, dtype=args.dtype, precision=args.precision)
     inits = list(INITS) if args.init == "all" else [args.init]
     head_weights = baseline_head(model_dir, settings) if "baseline" in inits else None
     with contextlib.ExitStack() as stack:

@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", help="where the exported files go (default: <model-dir>/export)")
     p.add_argument("--quantize", default="float16", choices=["none", "float16", "dynamic"],
                    help="TFLite weights: float32 (none), float16 (half the size), or dynamic-range int8")
+    helper.precision_args(p, "catdog.keras and saved_model/ (the TFLite file is converted from the float32 model: "
+                             "TFLite has no bfloat16; its types are --quantize's)")
     p.add_argument("--check", type=helper.NONNEGATIVE_INT, default=16,
                    help="test images on which the export is compared with the feature path (07's predictions)")
     p.add_argument("--max-diff", type=helper.PROBABILITY, default=0.02,
@@ -43,7 +45,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- what the model was trained on
 
-def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings]:
+def branches(model, meta: dict, model_path: Path, precision: str = "float32") -> list[helper.ExtractSettings]:
     """The backbone branches to rebuild, in the head's input order, refused where they cannot be rebuilt
     faithfully."""
     settings = [helper.ExtractSettings.of(a) for a in meta["feature_attrs"]]
@@ -58,9 +60,11 @@ def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings
         if st.decoder != "pil":
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded by TensorFlow (02 --decoder "
                               f"{st.decoder}); exports take Pillow's pixels: extract with --decoder pil and retrain")
-        if st.mixed_precision:
-            log.warning(f"{st.backbone}'s features were computed in float16 (--mixed-precision); the export computes "
-                        f"in float32, so its P(dog) differs slightly")
+        if st.precision != precision:
+            # Not refused: the P(dog) difference this makes (benchmarks/precision_bench.md) is what --max-diff
+            # checks on test images before anything is written.
+            log.warning(f"{st.backbone}'s features were computed in {st.precision}; the export computes in "
+                        f"{precision} (--precision), so its P(dog) differs slightly")
     if len({st.interpolation for st in settings}) > 1:
         raise CatDogError(f"{model_path}: its backbones' features were resized with different methods "
                           f"({', '.join(st.interpolation for st in settings)}); one exported input cannot match both")
@@ -152,10 +156,10 @@ def copy_weights(source, target, what: str) -> None:
 
 # ----------------------------------------------------------------------------- the pixel model
 
-def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
-    """(the pixel-to-P(dog) model, its input size S, the branches' settings)."""
+def pixel_model(model, meta: dict, model_path: Path, weights: str | None, precision: str = "float32"):
+    """(the pixel-to-P(dog) model in float32, its input size S, the branches' settings)."""
     import keras
-    settings = branches(model, meta, model_path)
+    settings = branches(model, meta, model_path, precision)
     check_weights(weights, settings)
     size = max(st.image_size for st in settings)
     image = keras.Input((size, size, 3), dtype="uint8", name="image")
@@ -212,15 +216,22 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
     return float(np.abs(got.ravel() - probs["test"][:n]).max())
 
 
-def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
+def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None) -> None:
     """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
-    an interrupted or failed export never leaves a new model beside an old export.json."""
+    an interrupted or failed export never leaves a new model beside an old export.json. `float32`: the float32
+    twin of a bfloat16 or float16 `pixels`, which the TFLite file is converted from."""
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
     try:
         tmp.mkdir(parents=True)
         pixels.save(tmp / helper.EXPORT_KERAS)
         pixels.export(str(tmp / helper.EXPORT_SAVED_MODEL), verbose=False)
-        (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(tmp / helper.EXPORT_SAVED_MODEL, quantize))
+        source = tmp / helper.EXPORT_SAVED_MODEL
+        if float32 is not None and float32 is not pixels:
+            source = tmp / "float32_saved_model"
+            float32.export(str(source), verbose=False)
+        (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(source, quantize))
+        if source.name != helper.EXPORT_SAVED_MODEL:
+            shutil.rmtree(source)
         helper.write_json(info, tmp / helper.EXPORT_INFO)
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -243,7 +254,9 @@ def main(args):
         raise CatDogError(f"{out_dir} is a file: give --out-dir a folder")
     model, meta = helper.load_model(path)
     log.info(f"exporting {path} ({why})")
-    pixels, size, settings = pixel_model(model, meta, path, args.weights)
+    precision = helper.resolve_precision(args.precision)
+    float32, size, settings = pixel_model(model, meta, path, args.weights, precision)
+    pixels = helper.as_precision(float32, precision)
     interpolation = settings[0].interpolation
     diff = check_against_features(pixels, model, meta, path, Path(args.data_dir), size, interpolation, args.check)
     if diff is not None:
@@ -256,9 +269,10 @@ def main(args):
     info = {"source": str(path.resolve()), "source_sha256": helper.file_sha256(path), "kind": meta["kind"],
             "input_size": size, "interpolation": interpolation, "backbones": [st.attrs() for st in settings],
             "weights": args.weights or settings[0].weights, "clip": [args.clip_low, args.clip_high],
-            "quantize": args.quantize, "max_diff_vs_features": diff, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "quantize": args.quantize, "precision": precision, "max_diff_vs_features": diff,
+            "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
-    write_export(pixels, out_dir, args.quantize, info)
+    write_export(pixels, out_dir, args.quantize, info, float32)
     sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
     log.info(f"wrote {out_dir}/: {helper.EXPORT_KERAS} ({sizes[helper.EXPORT_KERAS]:.1f} MiB), "
              f"{helper.EXPORT_SAVED_MODEL}/, {helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "

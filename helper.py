@@ -8,6 +8,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/demo.py       the generated demo data (01 --demo)
   catdog/images.py     decoders, resizing, augmented views, the tf.data pipeline, photos as pixels
   catdog/backbones.py  the backbone registry
+  catdog/precision.py  the compute precision (--precision): auto from CPU flags and GPUs, the Keras policy
   catdog/features.py   extraction settings, the HDF5 feature cache, Features
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
   catdog/heads.py      head configs, building, fitting, saving and K-fold training of heads, results tables
@@ -30,7 +31,7 @@ from catdog.common import (
 )
 from catdog.cli import (
     HelpFormatter, number, POSITIVE_INT, NONNEGATIVE_INT, POSITIVE, PROBABILITY, DROPOUT, SEED, base_parser,
-    run_cli, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
+    run_cli, precision_args, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
 )
 from catdog.files import (
     temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
@@ -49,6 +50,10 @@ from catdog.images import (
 )
 from catdog.backbones import (
     Backbone, REPORT_BACKBONES, BACKBONES, get_backbone, resolve_weights
+)
+from catdog.precision import (
+    PRECISIONS, PRECISION_CHOICES, KERAS_POLICY, cpu_flags, gpu_capabilities, resolve_precision, precision_policy,
+    as_precision, legacy_precision
 )
 from catdog.features import (
     ExtractSettings, VIEW_SETTINGS, ROW_SETTINGS, LEGACY_NAMES, dataset, feature_path, feature_file_state,
@@ -87,7 +92,8 @@ __all__ = [
     "set_seed",
     # cli
     "HelpFormatter", "number", "POSITIVE_INT", "NONNEGATIVE_INT", "POSITIVE", "PROBABILITY", "DROPOUT", "SEED",
-    "base_parser", "run_cli", "head_args", "parse_head_args", "views_arg", "kfold_args", "clip_args", "clip_range",
+    "base_parser", "run_cli", "precision_args", "head_args", "parse_head_args", "views_arg", "kfold_args",
+    "clip_args", "clip_range",
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
     "remove_stale_temps", "no_space", "plain_name", "exclusive_lock",
@@ -102,6 +108,9 @@ __all__ = [
     "image_dataset", "find_undecodable", "load_pixels",
     # backbones
     "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
+    # precision
+    "PRECISIONS", "PRECISION_CHOICES", "KERAS_POLICY", "cpu_flags", "gpu_capabilities", "resolve_precision",
+    "precision_policy", "as_precision", "legacy_precision",
     # features
     "ExtractSettings", "VIEW_SETTINGS", "ROW_SETTINGS", "LEGACY_NAMES", "dataset", "feature_path", "feature_file_state",
     "setting_changes", "check_same_settings", "rebuild_command", "FeatureWriter", "image_parts", "rows_mismatch",

@@ -29,8 +29,11 @@ def parse_args(argv=None):
                         "export.json must be beside it")
     p.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image into DIR (.keras models)")
+    helper.precision_args(p, "a .keras model (a TFLite model computes in its own types: 08 --quantize)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     args = p.parse_args(argv)
+    if Path(args.model).suffix == ".tflite" and args.precision not in ("float32", "auto"):
+        p.error(f"--precision {args.precision} applies to .keras models; TFLite has its own types (08 --quantize)")
     if Path(args.model).suffix not in (".keras", ".tflite"):
         p.error(f"--model {args.model}: give 08's catdog.keras or catdog.tflite")
     if args.cam and Path(args.model).suffix == ".tflite":
@@ -41,7 +44,7 @@ def parse_args(argv=None):
 class Classifier:
     """The exported model, Keras or TFLite, one image at a time (the latency a phone app sees)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, precision: str = "float32"):
         info_path = path.parent / helper.EXPORT_INFO
         if not path.is_file():
             raise CatDogError(f"{path} not found: run 08_export_model.py first, or pass --model")
@@ -54,7 +57,7 @@ class Classifier:
         self.keras = path.suffix != ".tflite"
         if self.keras:
             import tensorflow as tf
-            self.model = helper.load_keras(path)
+            self.model = helper.as_precision(helper.load_keras(path), helper.resolve_precision(precision))
             if tuple(self.model.input.shape[1:]) != (self.size, self.size, 3):
                 raise CatDogError(f"{path} takes {tuple(self.model.input.shape[1:])} images but {info_path} says "
                                   f"{self.size} px: the two come from different exports; rerun 08_export_model.py")
@@ -99,7 +102,7 @@ def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float,
 
 
 def main(args) -> int:
-    classifier = Classifier(Path(args.model))
+    classifier = Classifier(Path(args.model), args.precision)
     if args.cam:
         helper.check_writable_target(Path(args.cam) / "x.png")
     failed, done, total_ms, cam_names = 0, 0, 0.0, set()

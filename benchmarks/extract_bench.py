@@ -8,7 +8,8 @@ On one set of generated JPEGs (300-500 px, laid out by 01) it measures, per back
 and, in child processes, peak RSS of a whole extraction of N and 4N images (memory must stay flat).
 
     python benchmarks/extract_bench.py                       # ResNet50 and InceptionV3, 200 images
-    python benchmarks/extract_bench.py --images 400 --batch-size 128 --mixed-precision   # on a GPU box
+    python benchmarks/extract_bench.py --images 400 --batch-size 128 --precision float16   # on a GPU box
+Precisions side by side (float32, bfloat16, float16, as ratios): benchmarks/precision_bench.py.
 """
 
 import argparse
@@ -35,7 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=200, help="images (N) in the timed set")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
     p.add_argument("--weights", default="none", help="imagenet | none | folder")
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute for the CNN timings")
+    p.add_argument("--precision", default="float32", choices=helper.PRECISION_CHOICES,
+                   help="the CNN's compute, as 02 --precision")
+    p.add_argument("--mixed-precision", dest="precision", action="store_const", const="float16",
+                   help="the same as --precision float16")
     p.add_argument("--rss-size", type=int, default=96, help="image size for the N vs 4N memory runs")
     p.add_argument("--workdir", help="where to generate images (default: a temp folder)")
     p.add_argument("--rss-child", nargs=2, metavar=("DATA", "SIZE"), help=argparse.SUPPRESS)
@@ -139,8 +143,7 @@ def main(args):
     kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
     print(f"{len(paths)} labelled images, mean {kb:.0f} KB, {os.cpu_count()} CPUs, "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, tensorflow {tf.__version__}")
-    if args.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    precision = helper.resolve_precision(args.precision)
     rows = []
     for name in args.models:
         bb = helper.get_backbone(name)
@@ -154,6 +157,7 @@ def main(args):
             row = {"backbone": name, "size": size, "a_legacy": a, "b_tfdata": b, "b/a": b / a,
                    "b_pre/a": b_pre / a, "b_tf/a": b_tf / a, "b_draft/a": b_draft / a, "b_nearest/a": b_near / a}
             if size == bb.size:  # the CNN at its native size: is decode hidden behind it?
+                keras.config.set_dtype_policy(helper.KERAS_POLICY[precision])  # clear_session() resets it
                 model = bb.build(args.weights, size)
                 step = helper.make_extract_step(model, bb.preprocess)
                 step(tf.zeros((args.batch_size, size, size, 3)))  # trace once, outside the timings
@@ -172,7 +176,7 @@ def main(args):
                 keras.backend.clear_session()
             rows.append(row)
             print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), flush=True)
-    keras.mixed_precision.set_global_policy("float32")
+    keras.config.set_dtype_policy("float32")
     table = pd.DataFrame(rows)
     print("\nimages/s (a: legacy ImageDataGenerator decode + nearest resize + preprocess_input; b: 02's tf.data "
           "input pipeline, Pillow decode + antialiased bilinear, preprocess in the CNN step; b_pre: b with "

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from .common import CLIP, DEFAULT_SEED, CatDogError
+from .precision import PRECISION_CHOICES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,6 +92,19 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
     if isinstance(result, int):
         sys.exit(result)
 
+
+
+def precision_args(p: argparse.ArgumentParser, what: str = "the CNNs", mixed_precision: bool = False) -> None:
+    """--precision for every step that runs a CNN; `mixed_precision` adds the earlier --mixed-precision (02's),
+    which is --precision float16."""
+    p.add_argument("--precision", default="float32", choices=PRECISION_CHOICES,
+                   help=f"compute precision of {what}: float32 (the report's numbers); bfloat16 (1.6x faster on a "
+                        f"CPU with AVX512_BF16 or AMX, features within about 1%%); float16 (for GPUs with tensor "
+                        f"cores; slow on a CPU); auto: bfloat16 on such a CPU, float16 on a GPU of compute "
+                        f"capability >= 7.0, else float32 (it logs what it picked and why)")
+    if mixed_precision:
+        p.add_argument("--mixed-precision", dest="precision", action="store_const", const="float16",
+                       help="the same as --precision float16 (kept for earlier commands)")
 
 
 def head_args(p: argparse.ArgumentParser, epochs: int, optimizer: str = "adadelta", sgd_lr: float = 0.01) -> None:

@@ -28,6 +28,7 @@ from .common import DEFAULT_SEED, FEATURES, PREDICT_BATCH, SPLIT_CSV, TEST2, Cat
 from .data import laid_out_test_ids, read_split, test_images, train_image_paths
 from .files import check_writable_target, temp_name
 from .images import find_undecodable, image_dataset, view_params
+from .precision import legacy_precision
 
 # The datasets' names in files of the release before this one, which still read.
 LEGACY_NAMES = {"labelled": "train", "labelled_files": "train_files", "labelled_views": "train_views",
@@ -67,7 +68,7 @@ class ExtractSettings:
     jpeg_draft: bool = False
     weights: str = "imagenet"
     seed: int = DEFAULT_SEED
-    mixed_precision: bool = False
+    precision: str = "float32"  # the CNN's compute (--precision); files of the release before: mixed_precision
     split_layer: str = ""     # maps files: the layer the backbone was cut after ("" for pooled features)
     dtype: str = "float32"
     views: int = 1            # 02 --views: feature rows of augmented views beside the plain ones
@@ -78,6 +79,7 @@ class ExtractSettings:
 
     @classmethod
     def of(cls, attrs: dict) -> ExtractSettings:  # the settings stored in a file's (or sidecar's) attributes
+        attrs = legacy_precision(attrs)
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
 
@@ -91,6 +93,8 @@ def setting_changes(stored: dict, wanted: dict, keys: Sequence[str] | None = Non
     """The settings (all, or those in `keys`) in which two attribute sets differ; the seed only matters for
     random weights (`none`) or for views (it draws their transformations). A setting absent from a set (a file
     written before it existed) has its default."""
+    stored, wanted = legacy_precision(stored), legacy_precision(wanted)
+
     def plain(attrs, f):  # HDF5 gives numpy scalars back
         v = attrs.get(f.name, f.default)
         return v.item() if hasattr(v, "item") else v
@@ -107,6 +111,7 @@ def check_same_settings(trained: dict, now: dict, what: str, now_where: str, fix
     `now` (at `now_where`), naming both; `keys` limits the comparison to some settings (by default those of the
     plain rows: views are checked where they are used)."""
     changed = setting_changes(trained, now, keys)
+    trained, now = legacy_precision(trained), legacy_precision(now)
     if changed:
         raise CatDogError(f"{what} was trained on features made with "
                           + ", ".join(f"{k}={trained.get(k)}" for k in changed) + f"; {now_where} now gives "
@@ -117,11 +122,11 @@ def rebuild_command(name: str, attrs: dict) -> str:
     """The command that makes the feature (or maps) file `name` again with the settings in `attrs`."""
     st = ExtractSettings.of({"backbone": name.split("_")[0], "image_size": 0, **attrs})
     flags = (f"--image-size {st.image_size} --weights {st.weights} --interpolation {st.interpolation} "
-             f"--decoder {st.decoder} --seed {st.seed}")
+             f"--decoder {st.decoder} --seed {st.seed}" + f" --precision {st.precision}" * (st.precision != "float32"))
     if st.split_layer:
-        return f"04_finetune_split.py --model {st.backbone} --split-layer {st.split_layer} --dtype {st.dtype} {flags}"
-    return (f"02_extract_features.py --models {st.backbone} {flags}" + " --jpeg-draft" * st.jpeg_draft
-            + " --mixed-precision" * st.mixed_precision)
+        return (f"04_finetune_split.py --model {st.backbone} --split-layer {st.split_layer} --dtype {st.dtype} "
+                f"{flags}")
+    return f"02_extract_features.py --models {st.backbone} {flags}" + " --jpeg-draft" * st.jpeg_draft
 
 
 class FeatureWriter:
@@ -227,6 +232,7 @@ def stale_reason(path: Path, settings: ExtractSettings, split: pd.DataFrame, tes
     state = feature_file_state(path)
     if state is None:
         return "missing" if not path.exists() else "incomplete"
+    state = legacy_precision(state)
     changed = setting_changes(state, settings.attrs())
     if changed:
         return "made with other settings (" + ", ".join(f"{k}={state.get(k)}, now {getattr(settings, k)}"

@@ -210,7 +210,7 @@ def test_mixed_precision_features_are_close(small_data):
     assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
     got = helper.load_features(["VGG16"], small_data).labelled[0]
     np.testing.assert_allclose(got, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
-    assert helper.feature_file_state(small_data / "features" / "VGG16.h5")["mixed_precision"]
+    assert helper.feature_file_state(small_data / "features" / "VGG16.h5")["precision"] == "float16"
 
 
 def test_full_disk_removes_the_partial_file_and_says_how_much_is_needed(small_data, monkeypatch):

@@ -160,18 +160,19 @@ def test_a_search_is_bound_to_its_models_and_settings(pipeline, tmp_path):
 
 # ----------------------------------------------------------------------------- 7. every setting is compared
 
-def test_mixed_precision_is_part_of_the_reuse_check(copied):
+def test_precision_is_part_of_the_reuse_check(copied):
     path = helper.feature_path(copied["data"], "ResNet50")
     state = helper.feature_file_state(path)
     settings = helper.ExtractSettings.of(state)
     split, ids = helper.read_split(copied["data"]), helper.laid_out_test_ids(copied["data"])
     assert helper.stale_reason(path, settings, split, ids) == ""
-    for change in ({"mixed_precision": True}, {"jpeg_draft": True}, {"decoder": "tf"}, {"image_size": 96}):
+    for change in ({"precision": "bfloat16"}, {"precision": "float16"}, {"jpeg_draft": True}, {"decoder": "tf"},
+                   {"image_size": 96}):
         other = helper.ExtractSettings(**{**settings.attrs(), **change})
         key = next(iter(change))
         assert key in helper.stale_reason(path, other, split, ids)
     # One source of truth: a maps file's settings are the same dataclass, with its cut and dtype.
-    assert {"split_layer", "dtype", "mixed_precision"} <= set(settings.attrs())
+    assert {"split_layer", "dtype", "precision"} <= set(settings.attrs())
 
 
 # ----------------------------------------------------------------------------- 8. files closed, temp names
@@ -229,7 +230,7 @@ def test_sidecar_holds_every_flag_versions_and_feature_settings(pipeline, step, 
     assert meta["args"]["lr"] == 1.0 and meta["args"]["batch_size"] == 16 and meta["seed"] == 2018
     assert meta["keras"].startswith("3.") and meta["tensorflow"]
     for a in meta["feature_attrs"]:
-        assert a["image_size"] == int(IMAGE_SIZE) and a["weights"] == "none" and "mixed_precision" in a
+        assert a["image_size"] == int(IMAGE_SIZE) and a["weights"] == "none" and a["precision"] == "float32"
     results = pd.read_csv(pipeline["model"] / path.split("/")[0] / "results.csv").set_index("model")
     assert meta["val_loss"] == pytest.approx(results.val_loss[path.split("/")[1][:-5]], abs=1e-12)
 
@@ -278,7 +279,7 @@ def test_message_recommendations_are_valid_commands(tmp_path):
         script(words[0][:2]).parse_args(words[1:])  # no SystemExit
     # The commands that rebuild a feature or maps file with its own settings.
     for name, attrs in [("Xception", helper.ExtractSettings("Xception", 96, weights="none", jpeg_draft=True,
-                                                            mixed_precision=True).attrs()),
+                                                            precision="bfloat16").attrs()),
                         ("ResNet50_conv4_block6_out_maps", helper.ExtractSettings(
                             "ResNet50", 64, split_layer="conv4_block6_out", dtype="float16").attrs())]:
         words = helper.rebuild_command(name, attrs).split()
