@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,20 @@ def kaggle_call(doing: str) -> Iterator[None]:
 
 
 
+def unwrap(path: Path) -> None:
+    """Kaggle's server may wrap a single file in a zip of the same name (train.zip holding only train.zip); newer
+    kaggle clients unwrap it (their unzip=True), the one pinned here does not: unwrap it in place."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as z:
+        if z.namelist() != [path.name]:
+            return  # the archive itself (train.zip holds train/...)
+        tmp = path.with_name(path.name + ".unwrapping")
+        with z.open(path.name) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, path)
+
+
 def download_competition(data: Path) -> None:
     """Download the competition's train.zip and test.zip into `data` (01 --download), each unless it or its folder
     is there. Kaggle is not asked (nor credentials needed) when both are. A download interrupted is resumed by a
@@ -122,7 +137,8 @@ def download_competition(data: Path) -> None:
         log.info(f"downloading {name} of {KAGGLE_COMPETITION} from Kaggle into {data}/")
         try:
             with kaggle_call(f"downloading {name}"):
-                api.competition_download_file(KAGGLE_COMPETITION, name, path=str(stage), quiet=False, unzip=True)
+                api.competition_download_file(KAGGLE_COMPETITION, name, path=str(stage), quiet=False)
+            unwrap(stage / name)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 shutil.rmtree(stage, ignore_errors=True)

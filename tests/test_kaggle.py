@@ -35,7 +35,7 @@ class FakeApi:
     def authenticate(self):
         self.calls.append(("authenticate",))
 
-    def competition_download_file(self, competition, file_name, path=None, force=False, quiet=False, unzip=False):
+    def competition_download_file(self, competition, file_name, path=None, force=False, quiet=False):
         self.calls.append(("download", competition, file_name, path))
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, file_name), "wb") as f:
@@ -228,7 +228,7 @@ def test_the_real_kaggle_package_takes_these_calls(fake_kaggle, monkeypatch):
     api = helper.kaggle_api("--download")
     assert type(api).__name__ == "KaggleApi" and api.get_config_value("username") == "someone"
     inspect.signature(api.competition_download_file).bind(COMPETITION, "train.zip", path="data/.kaggle-download",
-                                                          quiet=False, unzip=True)
+                                                          quiet=False)
     inspect.signature(api.competition_submit).bind("s.csv", "msg", COMPETITION)
     inspect.signature(api.competition_submissions).bind(COMPETITION)
 
@@ -293,3 +293,18 @@ def test_submit_message_must_not_be_empty(capsys):
     with pytest.raises(SystemExit) as e:
         script("07").parse_args(["--kaggle-submit", " "])
     assert e.value.code == 2 and "--kaggle-submit is empty: give a message" in capsys.readouterr().err
+
+
+def test_a_download_the_server_wrapped_in_a_zip_is_unwrapped(tmp_path):
+    """The pinned kaggle client keeps a wrapped file as it came (train.zip holding only train.zip): unwrapped."""
+    from catdog.kaggle_api import unwrap
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("train/cat.1.jpg", b"jpeg")
+    path = tmp_path / "train.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("train.zip", inner.getvalue())
+    unwrap(path)
+    assert path.read_bytes() == inner.getvalue()
+    unwrap(path)  # the archive itself is left alone
+    assert path.read_bytes() == inner.getvalue() and not list(tmp_path.glob("*.unwrapping"))
