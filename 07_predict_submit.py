@@ -166,6 +166,8 @@ def locate(token: str, model_dir: Path) -> Path:
     path = Path(token)
     if (path.suffix == ".keras" and path.is_file()) or (path / helper.KFOLD_SUMMARY).is_file():
         return path
+    if path.is_dir() and not (path / helper.KFOLD_SUMMARY).is_file() and any(path.glob("fold*.keras")):
+        raise CatDogError(f"--blend {token}: {helper.folder_problem(path)}")
     if token == "hyperopt" and (model_dir / helper.HYPEROPT_BEST).is_file():
         return model_dir / helper.HYPEROPT_BEST
     if path.name == token and token not in (".", ".."):  # a name (a path was taken above): found in its step's folder

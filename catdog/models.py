@@ -100,7 +100,8 @@ def read_sidecar(path: str | Path) -> dict:
             raise CatDogError(f"{meta_path} names the feature file {name!r}, which is not a file name in a data "
                               f"dir's features/ folder: not a sidecar catdog wrote; retrain {path.name}")
     recorded = meta.get(MODEL_SHA256)  # sidecars of older releases do not record it: read as they are
-    if recorded is not None and path.is_file() and file_sha256(path) != recorded:
+    # A model that is no complete .keras zip is named as such by load_keras (truncated), not as another model.
+    if recorded is not None and zipfile.is_zipfile(path) and file_sha256(path) != recorded:
         raise CatDogError(f"the sidecar {meta_path} describes another model than {path} (the model file is not the "
                           f"one it recorded: a run was killed between saving the two, or one was replaced): retrain "
                           f"{path.name}, or rerun the step that saved it")

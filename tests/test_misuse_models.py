@@ -248,6 +248,8 @@ def test_a_kfold_or_unfinished_folder_given_as_a_model_is_named(copied, tmp_path
     with pytest.raises(CatDogError, match=rf"{folder} is an unfinished K-fold run \(no kfold.json: it was "
                                           r"interrupted.*rerun 03 or 05 with --folds"):
         run("07", *copied["d"], "--model", folder, "--output", tmp_path / "s.csv")
+    with pytest.raises(CatDogError, match=rf"--blend {folder}: {folder} is an unfinished K-fold run"):
+        run("07", *copied["d"], "--blend", folder, "ResNet50", "--output", tmp_path / "s.csv")
     (folder / "kfold.json").write_text("{}")
     with pytest.raises(CatDogError, match=rf"{folder} is a K-fold folder \(the mean of its 2 fold models\), not one "
                                           rf".keras model: 07 takes it whole .* e.g. {folder / 'fold1.keras'}"):
