@@ -3,14 +3,16 @@
 The report's code shape: data() and model() functions, its hyper_params space, kopt's CompileFN as the
 objective, Trials and fmin(algo=tpe.suggest). Validation uses split.csv's valid rows, like every other
 step, so the searched val_loss compares with 03 and 05. After each trial, trials.csv, the plot, best.keras
-(07 submits it by default) with its sidecar best.json and, last, trials.pkl are saved under model/hyperopt/,
-so they always agree and a rerun (with a larger --max-evals) continues where the last one stopped. A search
-is bound to its backbones, space, training settings and feature files (search.json): a different request
-is refused rather than mixed in. --spark runs several trials at once with hyperopt's SparkTrials.
+(07 submits it by default) with its sidecar best.json and, last, trials.json (hyperopt's trial documents: data,
+never code) are saved under model/hyperopt/, so they always agree and a rerun (with a larger --max-evals) continues
+where the last one stopped. A search is bound to its backbones, space, training settings, feature files and data
+(split.csv and the test images; search.json): a different request is refused rather than mixed in. --spark runs
+several trials at once with hyperopt's SparkTrials.
 """
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -99,6 +101,9 @@ def parse_args(argv=None):
                         "--data-dir and --model-dir must be paths every worker can read and write")
     p.add_argument("--parallelism", type=helper.POSITIVE_INT,
                    help="--spark: trials run at once (default: Spark's default parallelism)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help=f"read the {LEGACY_TRIALS} of an older catdog once and convert it to {TRIALS_JSON}: a pickle "
+                        "can run any code when read, so only for a model dir you made yourself")
     args = p.parse_args(argv)
     args.models = list(dict.fromkeys(args.models))
     if len(args.models) < 2:
@@ -221,56 +226,131 @@ def fast_fit_method(model):
 # ----------------------------------------------------------------------------- saved state
 
 def binding(args, feats: helper.Features) -> dict:
-    """What a search is bound to: its backbones, space, per-trial training settings and feature files.
-    Trials made under another binding cannot be continued (their best model would not match)."""
+    """What a search is bound to: its backbones, space, per-trial training settings, feature files and data (split.csv
+    and the test images). Trials made under another binding cannot be continued (their best model would not match,
+    or their val_losses were measured on other rows)."""
     # Through JSON and back: the form it is compared with when read from search.json.
     # The plain rows' settings only (a file that gained views still holds the rows the trials were trained on);
     # views only when searched with them, so the report's searches keep their binding.
     features = [{k: v for k, v in helper.ExtractSettings.of(a).attrs().items() if k in helper.ROW_SETTINGS}
                 for a in feats.attrs]
+    test_ids = "\n".join(map(str, helper.laid_out_test_ids(args.data_dir).tolist()))
     return json.loads(json.dumps({"models": args.models, "space": SPACE, "epochs": args.epochs,
                                   "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
-                                  "features": features, **({"views": args.views} if args.views > 1 else {})}))
+                                  "features": features, **({"views": args.views} if args.views > 1 else {}),
+                                  "split_sha256": helper.split_fingerprint(args.data_dir),
+                                  "test_ids_sha256": hashlib.sha256(test_ids.encode()).hexdigest()}))
+
+
+DATA_KEYS = ("split_sha256", "test_ids_sha256")  # the data a search is bound to (search.json of older releases: none)
 
 
 def check_binding(out_dir: Path, wanted: dict, has_trials: bool) -> None:
-    """Refuse to continue trials made for another request; record the binding of a new search."""
+    """Refuse to continue trials made for another request or on other data; record the binding of a new search."""
     path = out_dir / "search.json"
     try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
+        stored = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
-        saved = None
+        stored = None
+    saved = stored
+    if has_trials and isinstance(saved, dict) and not any(k in saved for k in DATA_KEYS):
+        log.warning(f"{path} (of an older catdog) does not record the data its trials were made on: they are taken "
+                    f"to be today's {helper.SPLIT_CSV} and test images, which is only right if 01 was not rerun since")
+        saved = {**saved, **{k: wanted[k] for k in DATA_KEYS}}
     if has_trials and saved != wanted:
         if not isinstance(saved, dict):
             what = f"has no readable {path.name} saying what its trials were made for"
+        elif any(saved.get(k) != wanted[k] for k in DATA_KEYS):
+            changed = " and ".join(w for k, w in zip(DATA_KEYS, (helper.SPLIT_CSV, "the test images"), strict=True)
+                                   if saved.get(k) != wanted[k])
+            what = (f"holds trials made on other data ({changed} changed since: 01 was rerun, or this is another "
+                    f"--data-dir), whose val_losses were measured on other valid rows")
         else:
             what = "holds trials made with other " + "; ".join(
                 f"{k} ({str(saved.get(k))[:120]}, now {str(wanted[k])[:120]})" for k in wanted
                 if saved.get(k) != wanted[k])
         raise CatDogError(f"{out_dir} {what}: use another --model-dir for this search, or move {out_dir} away to "
                           f"start over")
-    if saved != wanted:
+    if stored != wanted:
         helper.write_json(wanted, path)
 
 
-def load_trials(path: Path):
-    """The saved Trials (a new one when there is no file), refused with a message when unreadable."""
+# The search's record: hyperopt's trial documents as JSON (helper.to_plain: datetimes tagged, numpy values as plain
+# numbers; the trials' file paths relative to model/hyperopt/). An older catdog pickled the Trials, which runs code
+# when read.
+TRIALS_JSON, LEGACY_TRIALS = "trials.json", "trials.pkl"
+TRIALS_FORMAT = "catdog-hyperopt-trials"
+def trial_paths(doc: dict, out_dir: Path, source: Path, relative: bool) -> dict:
+    """The trial document with its result's file paths (kopt's model and results) relative to `out_dir` (for
+    trials.json), or absolute (as kopt wrote them), each refused if it leads out of `out_dir`."""
+    paths = (doc.get("result") or {}).get("path")
+    if not isinstance(paths, dict):
+        return doc
+    fixed = {}
+    for k, v in paths.items():
+        if isinstance(v, str) and v:
+            p = helper.inside(v, out_dir, source)
+            v = str(p.relative_to(out_dir.resolve())) if relative else str(p)
+        fixed[k] = v
+    return {**doc, "result": {**doc["result"], "path": fixed}}
+
+
+def write_trials(trials, out_dir: Path) -> None:
+    docs = [trial_paths(helper.to_plain(dict(t)), out_dir, out_dir / TRIALS_JSON, relative=True) for t in trials.trials]
+    with helper.atomic_path(out_dir / TRIALS_JSON) as tmp:
+        tmp.write_text(json.dumps({"format": TRIALS_FORMAT, "trials": docs}) + "\n")
+
+
+def load_trials(out_dir: Path, trust_pickle: bool = False):
+    """The saved Trials (a new one when there is no record), refused with a message when unreadable. An older
+    catdog's trials.pkl is read only with `trust_pickle` (the next save converts it to trials.json)."""
     from hyperopt import Trials
-    if not path.is_file():
+    path, legacy = out_dir / TRIALS_JSON, out_dir / LEGACY_TRIALS
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(), object_hook=helper.from_plain)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CatDogError(f"{path} is not a readable trials file ({type(e).__name__}): move {out_dir} away "
+                              f"to start the search over") from e
+        if not (isinstance(record, dict) and record.get("format") == TRIALS_FORMAT
+                and isinstance(record.get("trials"), list) and all(isinstance(t, dict) for t in record["trials"])):
+            raise CatDogError(f"{path} holds a {type(record).__name__} that is not catdog's record of hyperopt trials: "
+                              f"move {out_dir} away to start the search over")
+        docs, source = record["trials"], path
+    elif legacy.is_file():
+        if not trust_pickle:
+            raise CatDogError(f"{legacy} is a pickle (an older catdog's record of the search), and reading a pickle "
+                              f"can run any code in it: if you made {out_dir} yourself, rerun with --trust-pickle "
+                              f"once to convert it to {TRIALS_JSON}; if it came from elsewhere, move {out_dir} away "
+                              f"to start the search over")
+        try:
+            with open(legacy, "rb") as f:
+                trials = pickle.load(f)  # noqa: S301 - the user vouched for this file (--trust-pickle)
+        except Exception as e:  # truncated, empty or foreign pickles raise many types
+            raise CatDogError(f"{legacy} is not a readable trials file ({type(e).__name__}): move {out_dir} away "
+                              f"to start the search over") from e
+        if not isinstance(trials, Trials):
+            raise CatDogError(f"{legacy} holds a {type(trials).__name__}, not hyperopt Trials: move {out_dir} away "
+                              f"to start the search over")
+        try:
+            docs = [helper.to_plain(dict(t)) for t in trials.trials]
+        except TypeError as e:
+            raise CatDogError(f"{legacy} holds trials with {e}, which {TRIALS_JSON} cannot keep: move {out_dir} "
+                              f"away to start the search over") from e
+        source = legacy
+        log.info(f"read {legacy} (--trust-pickle): it is converted to {TRIALS_JSON}, which later runs read")
+    else:
         return Trials()
-    try:
-        with open(path, "rb") as f:
-            trials = pickle.load(f)
-    except Exception as e:  # truncated, empty or foreign pickles raise many types
-        raise CatDogError(f"{path} is not a readable trials file ({type(e).__name__}): move {path.parent} away "
-                          f"to start the search over") from e
-    if not isinstance(trials, Trials):
-        raise CatDogError(f"{path} holds a {type(trials).__name__}, not hyperopt Trials: move {path.parent} away "
-                          f"to start the search over")
     # A trial that was running when the last run stopped has no result: dropped, it will be redone.
     finished = Trials()
-    finished.insert_trial_docs([dict(t) for t in trials.trials if t["result"].get("status") == "ok"])
-    finished.refresh()
+    try:
+        ok = [trial_paths(t, out_dir, source, relative=False) for t in docs
+              if isinstance(t.get("result"), dict) and t["result"].get("status") == "ok"]
+        finished.insert_trial_docs(ok)
+        finished.refresh()
+    except (AssertionError, KeyError, TypeError, ValueError, AttributeError) as e:  # hyperopt checks each document
+        raise CatDogError(f"{source} holds a trial hyperopt cannot read ({type(e).__name__}: {str(e)[:120]}): move "
+                          f"{out_dir} away to start the search over") from e
     return finished
 
 
@@ -312,7 +392,7 @@ def trials_table(trials, space) -> pd.DataFrame:
 
 
 def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> pd.DataFrame:
-    """trials.csv, the plot, best.keras and best.json from `trials`, then trials.pkl last: the files always
+    """trials.csv, the plot, best.keras and best.json from `trials`, then trials.json last: the files always
     describe the same finished trials (a kill between two writes is repaired by the next save)."""
     table = trials_table(trials, space)
     if table.empty:
@@ -330,9 +410,8 @@ def save_search(trials, space, out_dir: Path, args, feats: helper.Features) -> p
                    **{k: float(best[k]) for k in (*SPACE, "val_loss", "val_acc")}, **helper.versions()}
         with helper.atomic_path(out_dir / "best.keras", suffix=".keras") as tmp:
             shutil.copyfile(best.model_path, tmp)
-            helper.write_json({**sidecar, "args": vars(args)}, out_dir / "best.json")
-        with helper.atomic_path(out_dir / "trials.pkl") as tmp, open(tmp, "wb") as f:
-            pickle.dump(trials, f)
+            helper.write_sidecar(tmp, {**sidecar, "args": vars(args)}, out_dir / "best.json")
+        write_trials(trials, out_dir)
     return table
 
 
@@ -459,8 +538,8 @@ def main(args):
     if args.views > 1:
         helper.check_views(args.models, data_dir, args.views)
     space = hyper_params(args.models, args.epochs, args.batch_size, args.patience, args.seed, args.views)
-    trials_path = out_dir / "trials.pkl"
-    trials = load_trials(trials_path)
+    trials_path = out_dir / TRIALS_JSON
+    trials = load_trials(out_dir, args.trust_pickle)
     check_binding(out_dir, binding(args, feats), has_trials=len(trials.trials) > 0)
     if len(trials.trials):
         log.info(f"resuming: {len(trials.trials)} finished trials in {trials_path}")

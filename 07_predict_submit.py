@@ -12,6 +12,7 @@ and with --analyze the suspects list model/analysis/suspects.txt.
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -165,13 +166,16 @@ def locate(token: str, model_dir: Path) -> Path:
     path = Path(token)
     if (path.suffix == ".keras" and path.is_file()) or (path / helper.KFOLD_SUMMARY).is_file():
         return path
+    if path.is_dir() and not (path / helper.KFOLD_SUMMARY).is_file() and any(path.glob("fold*.keras")):
+        raise CatDogError(f"--blend {token}: {helper.folder_problem(path)}")
     if token == "hyperopt" and (model_dir / helper.HYPEROPT_BEST).is_file():
         return model_dir / helper.HYPEROPT_BEST
-    for step in (helper.MERGE_DIR, helper.SINGLE_DIR):
-        if (model_dir / step / token / helper.KFOLD_SUMMARY).is_file():
-            return model_dir / step / token
-        if (model_dir / step / f"{token}.keras").is_file():
-            return model_dir / step / f"{token}.keras"
+    if path.name == token and token not in (".", ".."):  # a name (a path was taken above): found in its step's folder
+        for step in (helper.MERGE_DIR, helper.SINGLE_DIR):
+            for found in (model_dir / step / token, model_dir / step / f"{token}.keras"):
+                if (found / helper.KFOLD_SUMMARY).is_file() or (found.suffix == ".keras" and found.is_file()):
+                    helper.inside(found, model_dir / step, f"--blend {token}")  # not a symlink out of it
+                    return found
     known = [p.stem if p.suffix else p.name for p in auto_models(model_dir, kfold_only=False)]
     raise CatDogError(f"--blend {token}: no such model under {model_dir}/ (give a name from its results tables or a "
                       f"path); found: {', '.join(known) or 'none (train with 03, 05 or 06 first)'}")
@@ -188,7 +192,7 @@ def auto_models(model_dir: Path, kfold_only: bool = True) -> list[Path]:
     return ([] if kfold_only else kfold) + heads + best
 
 
-def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> Candidate:
+def load_candidate(path: Path, args, test_ids: np.ndarray) -> Candidate:
     """A K-fold folder's oof.csv and test.csv, or a saved model's predictions of the valid and test rows."""
     data_dir = Path(args.data_dir)
     if path.is_dir():
@@ -199,9 +203,9 @@ def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> 
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:  # missing, garbled or foreign files
             raise CatDogError(f"{path} is not a complete K-fold run ({type(e).__name__}: {str(e)[:120]}): rerun 03 or "
                               f"05 with --folds") from e
-        if not isinstance(summary, dict) or summary.get("split_sha256") != fingerprint:
-            raise CatDogError(f"{path} was trained on another split ({helper.SPLIT_CSV} changed since: 01 was rerun): "
-                              f"retrain it with --folds, or leave it out of --blend")
+        if not isinstance(summary, dict):
+            raise CatDogError(f"{path / helper.KFOLD_SUMMARY} is not a K-fold summary: rerun 03 or 05 with --folds")
+        helper.check_split(path, {"split_sha256": summary.get("split_sha256", "unknown")}, data_dir)
         if args.tta:
             raise CatDogError(f"--tta: {path} is a K-fold model, whose stored test predictions have no views: "
                               f"drop --tta or leave it out of --blend")
@@ -211,12 +215,7 @@ def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> 
                          test.set_index("id").prediction.reindex(test_ids).to_numpy(), True)
     model, meta = helper.load_model(path)
     check_judgeable(path, meta)
-    if "split_sha256" not in meta:  # saved before sidecars recorded it
-        log.warning(f"{path}'s sidecar does not record its split: it is judged on the valid rows of today's "
-                    f"{helper.SPLIT_CSV}, which is only honest if 01 was not rerun since it was trained")
-    elif meta["split_sha256"] != fingerprint:
-        raise CatDogError(f"{path} was trained on another split ({helper.SPLIT_CSV} changed since: 01 was rerun): "
-                          f"retrain it, or leave it out of --blend")
+    helper.check_split(path, meta, data_dir)
     feats, probs = helper.predict_saved(model, meta, path, data_dir, ("labelled", "test"), views=args.tta)
     if args.tta:
         probs = {part: tta_mean(probs[f"{part}_views"], args.tta_mean) for part in ("labelled", "test")}
@@ -342,7 +341,8 @@ def suspects(table: pd.DataFrame, data_dir: Path, out_dir: Path, threshold: floa
         why = f"{judged} log loss above {threshold} ({len(picked)} of {len(df)} rows)"
     lines = [f"# {why}, by 07_predict_submit.py --analyze: file name, then label, prediction and loss.",
              "# Look at each (suspects.png); delete the lines of correctly labelled pets, then exclude the rest with",
-             f"#   01_reorganize_data.py --data-dir {data_dir} --exclude {out_dir / 'suspects.txt'}  and retrain."]
+             f"#   01_reorganize_data.py --data-dir {shlex.quote(str(data_dir))} --exclude "
+             f"{shlex.quote(str(out_dir / 'suspects.txt'))}  and retrain."]
     lines += [f"{r.filename}  # {CLASSES[r.label]}, P(dog) {r.prediction:.4f}, loss {r.loss:.3f}"
               for r in picked.itertuples()]
     with helper.atomic_path(out_dir / "suspects.txt") as tmp:
@@ -381,9 +381,10 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
         info = {}
     if (info.get("source") != str(model_path.resolve()) or not (export / helper.EXPORT_KERAS).is_file()
             or info.get("source_sha256") != helper.file_sha256(model_path)):  # not retrained since
+        q = shlex.quote
         log.info(f"no Grad-CAM overlays: {export} holds no export of {model_path} as it is now (run "
-                 f"08_export_model.py --data-dir {data_dir} --model-dir {model_dir} --model {model_path}, then "
-                 f"--analyze again)")
+                 f"08_export_model.py --data-dir {q(str(data_dir))} --model-dir {q(str(model_dir))} --model "
+                 f"{q(str(model_path))}, then --analyze again)")
         return
     model = helper.load_keras(export / helper.EXPORT_KERAS)
     names = [b["backbone"] for b in info["backbones"]]
@@ -396,21 +397,11 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
     log.info(f"wrote {len(worst)} Grad-CAM overlays of the worst images to {out_dir}/")
 
 
-def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> pd.DataFrame:
+def submit_on_evidence(args, paths: list[Path], output: Path, data_dir: Path, model_dir: Path) -> pd.DataFrame:
     """--blend, --calibrate and --clip auto: fit the recipe on the candidates' honest predictions, report each
     stage's cross-fitted log loss, write the submission and <output stem>.json (and model/blend/results.csv)."""
-    helper.check_model_dir(model_dir)
     split, test_ids = helper.read_split(data_dir), helper.laid_out_test_ids(data_dir)
-    if args.blend == ["auto"]:
-        paths = auto_models(model_dir)
-        if not paths:
-            raise CatDogError(f"--blend auto: no trained model under {model_dir}/: run 03 or 05 first")
-    elif args.blend:
-        paths = list(dict.fromkeys(locate(t, model_dir) for t in args.blend))
-    else:
-        paths = [Path(args.model) if args.model else helper.pick_model(model_dir)[0]]
-    fingerprint = helper.split_fingerprint(data_dir)
-    cands = [load_candidate(p, args, test_ids, fingerprint) for p in paths]
+    cands = [load_candidate(p, args, test_ids) for p in paths]
     names = [c.name for c in cands]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -467,6 +458,47 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
     return sub
 
 
+def model_paths(args, model_dir: Path, evidence: bool) -> tuple[list[Path], str]:
+    """The models this run reads (--blend's, --model, or the one chosen under --model-dir), and why."""
+    if args.blend == ["auto"]:
+        helper.check_model_dir(model_dir)
+        paths = auto_models(model_dir)
+        if not paths:
+            raise CatDogError(f"--blend auto: no trained model under {model_dir}/: run 03 or 05 first")
+        return paths, "--blend auto"
+    if args.blend:
+        helper.check_model_dir(model_dir)
+        return list(dict.fromkeys(locate(t, model_dir) for t in args.blend)), "--blend"
+    if args.model:
+        return [Path(args.model)], "given by --model"
+    path, why = helper.pick_model(model_dir)
+    return [path], why
+
+
+def check_run_outputs(args, output: Path, paths: list[Path], data_dir: Path, model_dir: Path, evidence: bool
+                      ) -> None:
+    """Refuse, before any work, outputs that would overwrite one another or what this run reads."""
+    outputs = [(output, "--output")]
+    if evidence:
+        outputs.append((output.with_suffix(".json"), "the recipe (--output's name with .json)"))
+    if args.blend:
+        outputs.append((model_dir / helper.BLEND_DIR / helper.RESULTS_CSV, "--blend's table"))
+    analysis = model_dir / helper.ANALYSIS_DIR
+    if args.analyze:
+        outputs += [(analysis / name, "--analyze's") for name in ("worst.csv", "worst.png", "suspects.txt",
+                                                                   "suspects.png")]
+        if not evidence:
+            outputs.append((analysis / "cam", "--analyze's Grad-CAM folder"))
+    inputs = {data_dir / helper.SPLIT_CSV: "the split", data_dir / helper.SPLIT_META: "the split's record",
+              data_dir / helper.FEATURES: "the feature files", data_dir / helper.TRAIN2: "the labelled images",
+              data_dir / helper.TEST2.parent: "the test images", model_dir / helper.EXPORT_DIR: "08's export"}
+    inputs |= {model_dir / step / helper.RESULTS_CSV: "the results table"
+               for step in (helper.SINGLE_DIR, helper.MERGE_DIR)}
+    for p in paths:
+        inputs |= {p: "the K-fold model"} if p.is_dir() else {p: "the model", p.with_suffix(".json"): "its sidecar"}
+    helper.check_outputs(outputs, inputs)
+
+
 def main(args):
     output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
     if args.analyze:  # --analyze writes under --model-dir even with --model: refuse a file there before any work,
@@ -479,14 +511,18 @@ def main(args):
     data_dir, model_dir = Path(args.data_dir), Path(args.model_dir)
     out_dir = model_dir / helper.ANALYSIS_DIR
     kfold_model = args.model is not None and (Path(args.model) / helper.KFOLD_SUMMARY).is_file()
-    if args.blend or args.calibrate != "none" or args.clip == "auto" or kfold_model:
-        sub = submit_on_evidence(args, output, data_dir, model_dir)
+    evidence = bool(args.blend or args.calibrate != "none" or args.clip == "auto" or kfold_model)
+    paths, why = model_paths(args, model_dir, evidence)
+    check_run_outputs(args, output, paths, data_dir, model_dir, evidence)
+    if evidence:
+        sub = submit_on_evidence(args, paths, output, data_dir, model_dir)
     else:
-        path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
+        path = paths[0]
         model, meta = helper.load_model(path)
         log.info(f"model: {path} ({why})\n{describe(meta)}")
-        if args.analyze:
+        if args.analyze:  # the judgements below are only honest on the valid rows of the model's own split
             check_judgeable(path, meta)
+            helper.check_split(path, meta, data_dir)
         parts = ("labelled", "test") if args.analyze else ("test",)
         feats, probs = helper.predict_saved(model, meta, path, data_dir, parts, views=args.tta)
         plain = dict(probs)

@@ -199,11 +199,17 @@ def to_tflite(saved_model: Path, quantize: str) -> bytes:
     return converter.convert()
 
 
+def compared(meta: dict, data_dir: Path, n: int) -> bool:
+    """Whether the export is compared with the feature path: a head, --check images, and a data dir to do it in."""
+    return bool(n) and meta["kind"] != "finetune_full" and (data_dir / helper.SPLIT_CSV).is_file()
+
+
 def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir: Path, size: int,
-                           interpolation: str, n: int) -> float | None:
+                           interpolation: str, n: int) -> tuple[float, int] | None:
     """The largest |P(dog)| difference between the pixel model and 07's predictions (helper.predict_saved) on
-    `n` test images, or None when the model's feature files are not there to compare with."""
-    if not n or meta["kind"] == "finetune_full":
+    `n` test images (at most those there are), and their number; None when the model's feature files are not
+    there to compare with."""
+    if not compared(meta, data_dir, n):
         return None
     try:
         _, probs = helper.predict_saved(model, meta, model_path, data_dir, ("test",))
@@ -213,13 +219,42 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
     _, paths = helper.test_images(data_dir)
     n = min(n, len(paths))
     got = pixels.predict(np.stack([helper.load_pixels(p, size, interpolation) for p in paths[:n]]), verbose=0)
-    return float(np.abs(got.ravel() - probs["test"][:n]).max())
+    return float(np.abs(got.ravel() - probs["test"][:n]).max()), n
+
+
+EXPORT_FILES = (helper.EXPORT_KERAS, helper.EXPORT_SAVED_MODEL, helper.EXPORT_TFLITE, helper.EXPORT_INFO)
+
+
+def check_out_dir(out_dir: Path) -> Path:
+    """--out-dir as an absolute path, refused unless it is new, an empty folder, or a previous export (its
+    export.json, and only 08's files): an export replaces the folder whole, and no step removes what it did not make."""
+    out_dir = Path(os.path.abspath(out_dir))  # `.` and `..` by name, symlinks kept as they are
+    if out_dir.parent == out_dir:
+        raise CatDogError(f"--out-dir {out_dir} is the root folder: give a folder for the export, e.g. model/export")
+    if out_dir.is_symlink():  # swapping the export in would replace the link, not the folder it points to
+        raise CatDogError(f"--out-dir {out_dir} is a symlink: give the folder it points to ({out_dir.resolve()}), "
+                          f"or another")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CatDogError(f"--out-dir {out_dir} is a file: give a folder for the export (a new one, or one 08 wrote)")
+    if not out_dir.is_dir():
+        return out_dir
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+    if any(out_dir.iterdir()) and not (out_dir / helper.EXPORT_INFO).is_file():
+        raise CatDogError(f"--out-dir {out_dir} holds files that are not an export of 08 (no {helper.EXPORT_INFO}; "
+                          f"e.g. {(others or ['?'])[0]}): an export replaces its folder whole, so give a new or empty "
+                          f"folder")
+    if others:
+        raise CatDogError(f"--out-dir {out_dir} holds an export and other files ({', '.join(others[:3])}), which "
+                          f"replacing it would delete: move them out, or give another folder")
+    return out_dir
 
 
 def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None) -> None:
     """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
-    an interrupted or failed export never leaves a new model beside an old export.json. `float32`: the float32
-    twin of a bfloat16 or float16 `pixels`, which the TFLite file is converted from."""
+    an interrupted or failed export never leaves a new model beside an old export.json. Only a new folder, an empty
+    one or a previous export is replaced (check_out_dir). `float32`: the float32 twin of a bfloat16 or float16
+    `pixels`, which the TFLite file is converted from."""
+    out_dir = check_out_dir(out_dir)
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
     try:
         tmp.mkdir(parents=True)
@@ -249,18 +284,23 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None)
 def main(args):
     model_dir = Path(args.model_dir)
     path, why = (Path(args.model), "given by --model") if args.model else helper.pick_model(model_dir)
-    out_dir = Path(args.out_dir) if args.out_dir else model_dir / helper.EXPORT_DIR
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CatDogError(f"{out_dir} is a file: give --out-dir a folder")
+    out_dir = check_out_dir(Path(args.out_dir) if args.out_dir else model_dir / helper.EXPORT_DIR)
+    data_dir = Path(args.data_dir)
     model, meta = helper.load_model(path)
+    if compared(meta, data_dir, args.check):  # judged against 07's predictions: only on the model's own split
+        try:
+            helper.check_split(path, meta, data_dir)
+        except CatDogError as e:
+            raise CatDogError(f"{e}; or export it without comparing (--check 0)") from None
     log.info(f"exporting {path} ({why})")
     precision = helper.resolve_precision(args.precision)
     float32, size, settings = pixel_model(model, meta, path, args.weights, precision)
     pixels = helper.as_precision(float32, precision)
     interpolation = settings[0].interpolation
-    diff = check_against_features(pixels, model, meta, path, Path(args.data_dir), size, interpolation, args.check)
-    if diff is not None:
-        log.info(f"on {args.check} test images the exported model's P(dog) is within {diff:.2e} of 07's")
+    checked = check_against_features(pixels, model, meta, path, data_dir, size, interpolation, args.check)
+    diff = None if checked is None else checked[0]
+    if checked is not None:
+        log.info(f"on {checked[1]} test images the exported model's P(dog) is within {diff:.2e} of 07's")
         if diff > args.max_diff:
             raise CatDogError(f"the exported model's P(dog) differs from 07's by {diff:.3f} (more than --max-diff "
                               f"{args.max_diff}) on the test images: nothing written. Backbones of different sizes "

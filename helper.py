@@ -3,7 +3,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
 
   catdog/common.py     the user-error exception, the logger, the seed, names shared between files
   catdog/cli.py        the command line: flag types, shared flags, run_cli (the only module that sees argparse)
-  catdog/files.py      atomic writes, temp names and their cleanup, sha256, JSON state, plain names, the lock
+  catdog/files.py      atomic writes, temp names and their cleanup, sha256, JSON state, paths kept inside, the lock
   catdog/data.py       Kaggle names and name lists, split.csv, the test ids, the split and the folds
   catdog/demo.py       the generated demo data (01 --demo)
   catdog/images.py     decoders, resizing, augmented views, the tf.data pipeline, photos as pixels
@@ -35,7 +35,7 @@ from catdog.cli import (
 )
 from catdog.files import (
     temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
-    no_space, plain_name, exclusive_lock
+    no_space, plain_name, exclusive_lock, inside, check_outputs, to_plain, from_plain
 )
 from catdog.data import (
     parse_train_name, parse_test_name, read_name_list, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths,
@@ -68,8 +68,9 @@ from catdog.heads import (
     kfold_name, train_kfold, write_results
 )
 from catdog.models import (
-    save_model, SIDECAR_KEYS, load_model, read_sidecar, load_keras, check_trained_on, predict_images, predict_saved,
-    check_model_dir, pick_model, log_loss, validate_submission, write_submission
+    save_model, MODEL_SHA256, write_sidecar, SIDECAR_KEYS, load_model, read_sidecar, folder_problem, load_keras,
+    check_split, check_trained_on, predict_images, predict_saved, check_model_dir, pick_model, log_loss,
+    validate_submission, write_submission
 )
 from catdog.kaggle_api import (
     KAGGLE_COMPETITION, KAGGLE_RULES, kaggle_credentials, kaggle_api, kaggle_call, download_competition
@@ -96,7 +97,8 @@ __all__ = [
     "clip_args", "clip_range",
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
-    "remove_stale_temps", "no_space", "plain_name", "exclusive_lock",
+    "remove_stale_temps", "no_space", "plain_name", "exclusive_lock", "inside", "check_outputs", "to_plain",
+    "from_plain",
     # data
     "parse_train_name", "parse_test_name", "read_name_list", "SPLIT_COLUMNS", "SOURCES", "read_split",
     "train_image_paths", "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment",
@@ -122,8 +124,9 @@ __all__ = [
     "HeadConfig", "Output", "make_optimizer", "build_head", "view_sampler", "tensorboard", "fit", "save_run",
     "train_head", "kfold_name", "train_kfold", "write_results",
     # models
-    "save_model", "SIDECAR_KEYS", "load_model", "read_sidecar", "load_keras", "check_trained_on", "predict_images",
-    "predict_saved", "check_model_dir", "pick_model", "log_loss", "validate_submission", "write_submission",
+    "save_model", "MODEL_SHA256", "write_sidecar", "SIDECAR_KEYS", "load_model", "read_sidecar", "folder_problem",
+    "load_keras", "check_split", "check_trained_on", "predict_images", "predict_saved", "check_model_dir",
+    "pick_model", "log_loss", "validate_submission", "write_submission",
     # kaggle_api
     "KAGGLE_COMPETITION", "KAGGLE_RULES", "kaggle_credentials", "kaggle_api", "kaggle_call",
     "download_competition",

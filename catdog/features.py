@@ -17,6 +17,7 @@ import errno
 import itertools
 import math
 import os
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +122,14 @@ def check_same_settings(trained: dict, now: dict, what: str, now_where: str, fix
 def rebuild_command(name: str, attrs: dict) -> str:
     """The command that makes the feature (or maps) file `name` again with the settings in `attrs`."""
     st = ExtractSettings.of({"backbone": name.split("_")[0], "image_size": 0, **attrs})
-    flags = (f"--image-size {st.image_size} --weights {st.weights} --interpolation {st.interpolation} "
-             f"--decoder {st.decoder} --seed {st.seed}" + f" --precision {st.precision}" * (st.precision != "float32"))
+    q = shlex.quote  # a --weights folder may hold spaces: the command is pasted into a shell
+    flags = (f"--image-size {st.image_size} --weights {q(st.weights)} --interpolation {q(st.interpolation)} "
+             f"--decoder {q(st.decoder)} --seed {st.seed}")
+    flags += f" --precision {st.precision}" * (st.precision != "float32")
     if st.split_layer:
-        return (f"04_finetune_split.py --model {st.backbone} --split-layer {st.split_layer} --dtype {st.dtype} "
-                f"{flags}")
-    return f"02_extract_features.py --models {st.backbone} {flags}" + " --jpeg-draft" * st.jpeg_draft
+        return (f"04_finetune_split.py --model {q(st.backbone)} --split-layer {q(st.split_layer)} "
+                f"--dtype {q(st.dtype)} {flags}")
+    return f"02_extract_features.py --models {q(st.backbone)} {flags}" + " --jpeg-draft" * st.jpeg_draft
 
 
 class FeatureWriter:

@@ -1,13 +1,16 @@
 """Safe file writing: every output is written to a temp name of this process's own and renamed into place when
-complete, so a killed run leaves the old file or the new one, never half of one; the sha256 of files; names read
-from files kept inside their folder; and the lock that keeps two runs from writing one folder's shared files.
+complete, so a killed run leaves the old file or the new one, never half of one; the sha256 of files; names and
+paths read from files kept inside their folder, and outputs that would overwrite an input refused; state as plain
+JSON; and the lock that keeps two runs from writing one folder's shared files.
 
-Used by: every step, and the modules that write (features, heads, models, plots); 01 (its lock on the data dir).
+Used by: every step, and the modules that write (features, heads, models, plots); 01 (its lock on the data dir);
+06 (to_plain: its trials as JSON).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import itertools
 import json
@@ -16,6 +19,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .common import CatDogError, log
@@ -107,6 +111,71 @@ def remove_stale_temps(folder: Path, pattern: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def inside(path: str | Path, folder: str | Path, source: str | Path) -> Path:
+    """`path` (relative ones are relative to `folder`), resolved (symlinks followed) and refused unless it lies
+    inside `folder`: a path read from the file `source` never reaches outside the folder it belongs to."""
+    folder = Path(folder).resolve()
+    resolved = (folder / path).resolve()
+    if not resolved.is_relative_to(folder):
+        raise CatDogError(f"{source} names {path}, which lies outside {folder}: a file that sends a step outside its "
+                          f"folder is not one catdog wrote; remove it (or the folder), or rerun the step that makes it")
+    return resolved
+
+
+def check_outputs(outputs: list[tuple[Path, str]], inputs: dict[Path, str]) -> None:
+    """Refuse, before any work, a run whose outputs ((path, what it is): a list, as two may be one path) would
+    overwrite one another or one of its inputs (path -> what it is; files, or folders whose every file is one);
+    symlinks count as what they point to."""
+    def real(p: Path) -> Path:
+        return Path(os.path.realpath(p))
+
+    def overlap(a: Path, b: Path) -> bool:
+        return a == b or a.is_relative_to(b)
+
+    done: list[tuple[Path, Path, str]] = []
+    for path, what in outputs:
+        r = real(path)
+        for other, o, its in done:
+            if overlap(r, o) or overlap(o, r):
+                raise CatDogError(f"{its} {other} and {what} {path} are the same file: one would overwrite the other; "
+                                  f"give another name")
+        done.append((path, r, what))
+        for other, its in inputs.items():
+            if overlap(r, real(other)):
+                raise CatDogError(f"{what} {path} would overwrite {its} {other}, which this run reads: give another "
+                                  f"name")
+
+
+# State kept as data, never as code (a pickle runs code when read): nested values to_plain turns into JSON's, and
+# from_plain (json.loads' object_hook) turns back; datetimes are tagged objects.
+_DATETIME = "$datetime"
+
+
+def to_plain(obj):
+    """`obj` (dicts with string keys, lists, tuples, numbers, numpy values, datetimes) as JSON values; anything
+    else raises TypeError (it could not be read back)."""
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"a key that is not a string in {sorted(map(repr, obj))[:3]}")
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, datetime.datetime):
+        return {_DATETIME: obj.isoformat()}
+    if isinstance(obj, np.ndarray):
+        return to_plain(obj.tolist())
+    if isinstance(obj, (np.bool_, np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    raise TypeError(f"a {type(obj).__name__}")
+
+
+def from_plain(obj: dict):
+    """json.loads' object_hook for to_plain's JSON: tagged datetimes back to datetimes."""
+    return datetime.datetime.fromisoformat(obj[_DATETIME]) if set(obj) == {_DATETIME} else obj
 
 
 def read_json(path: Path) -> dict | None:

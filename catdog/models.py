@@ -20,17 +20,20 @@ from .common import (
     CLIP,
     FINETUNE_FULL,
     HYPEROPT_BEST,
+    KFOLD_SUMMARY,
     LOG_EPS,
     MERGE_DIR,
     RESULTS_CSV,
     SIDECAR_KINDS,
     SINGLE_DIR,
+    SPLIT_CSV,
     CatDogError,
     log,
     versions,
 )
+from .data import split_fingerprint
 from .features import ExtractSettings, Features, check_same_settings, image_parts, load_features, rebuild_command
-from .files import atomic_path, write_csv, write_json
+from .files import atomic_path, file_sha256, write_csv, write_json
 from .images import image_dataset
 
 
@@ -39,11 +42,21 @@ def save_model(model, path: str | Path, meta: dict) -> None:
     with its resolved default), the feature files' settings, the seed and library versions, so that any
     result can be rerun from its sidecar alone."""
     path = Path(path)
-    sidecar = {**meta, **versions()}
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-        write_json(sidecar, path.with_suffix(".json"))  # inside: the model is renamed only after its sidecar
+        write_sidecar(tmp, {**meta, **versions()}, path.with_suffix(".json"))
     log.info(f"saved {path} and its sidecar {path.with_suffix('.json').name}")
+
+
+# The sidecar's record of its model file: a kill between writing the sidecar and renaming the model into place
+# (or a model copied over by hand) leaves a sidecar that describes another model, which readers then refuse.
+MODEL_SHA256 = "model_sha256"
+
+
+def write_sidecar(model_file: str | Path, meta: dict, sidecar: str | Path) -> None:
+    """Write the sidecar of the complete model file `model_file` (still under its temp name: rename it into place
+    after this), recording its sha256."""
+    write_json({**meta, MODEL_SHA256: file_sha256(model_file)}, sidecar)
 
 
 # What a sidecar must hold, by kind, for 04 and 07 to feed its model as it was trained.
@@ -62,8 +75,10 @@ def load_model(path: str | Path):
 
 def read_sidecar(path: str | Path) -> dict:
     """The sidecar of the saved model `path` (`<name>.json` beside `<name>.keras`), checked to hold what its
-    kind needs, with a clear message for anything missing or broken."""
+    kind needs and to describe this very model file, with a clear message for anything missing or broken."""
     path = Path(path)
+    if path.is_dir():
+        raise CatDogError(folder_problem(path))
     if path.suffix != ".keras":
         raise CatDogError(f"{path} is not a .keras model: give one that 03-06 saved (model/<step>/<name>.keras)")
     meta_path = path.with_suffix(".json")
@@ -78,13 +93,41 @@ def read_sidecar(path: str | Path) -> dict:
     missing = [k for k in SIDECAR_KEYS[meta["kind"]] if k not in meta]
     if missing:
         raise CatDogError(f"{meta_path} lacks {', '.join(missing)}: retrain {path.name}")
+    names = meta.get("features", [])
+    for name in names if isinstance(names, list) else [names]:
+        # A feature name becomes a path under the data dir's features/: a name with a path in it would lead out.
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise CatDogError(f"{meta_path} names the feature file {name!r}, which is not a file name in a data "
+                              f"dir's features/ folder: not a sidecar catdog wrote; retrain {path.name}")
+    recorded = meta.get(MODEL_SHA256)  # sidecars of older releases do not record it: read as they are
+    # A model that is no complete .keras zip is named as such by load_keras (truncated), not as another model.
+    if recorded is not None and zipfile.is_zipfile(path) and file_sha256(path) != recorded:
+        raise CatDogError(f"the sidecar {meta_path} describes another model than {path} (the model file is not the "
+                          f"one it recorded: a run was killed between saving the two, or one was replaced): retrain "
+                          f"{path.name}, or rerun the step that saved it")
     return meta
+
+
+def folder_problem(path: Path) -> str:
+    """What a folder given where a .keras model belongs is, and what to do."""
+    folds = sorted(p.name for p in path.glob("fold*.keras"))
+    if (path / KFOLD_SUMMARY).is_file():
+        return (f"{path} is a K-fold folder (the mean of its {len(folds)} fold models), not one .keras model: 07 "
+                f"takes it whole (--model or --blend); where one model is needed (08 exports one), give one of its "
+                f"fold models, e.g. {path / (folds[0] if folds else 'fold1.keras')}, or a model trained on the "
+                f"whole split (03 or 05 without --folds)")
+    if folds:
+        return (f"{path} is an unfinished K-fold run (no {KFOLD_SUMMARY}: it was interrupted, or is still running): "
+                f"rerun 03 or 05 with --folds to finish it, or give a .keras model")
+    return f"{path} is a folder, not a .keras model: give one that 03-06 saved (model/<step>/<name>.keras)"
 
 
 def load_keras(path: str | Path):
     """A saved .keras model, with a clear message for a broken file."""
     import keras
     path = Path(path)
+    if path.is_dir():
+        raise CatDogError(folder_problem(path))
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
         size = path.stat().st_size
         raise CatDogError(f"{path} is not a readable Keras model ("
@@ -93,8 +136,27 @@ def load_keras(path: str | Path):
     try:
         return keras.models.load_model(path)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors... for a broken file
+        if "safe_mode" in str(e):  # a Lambda layer (or another deserialised function): Python code in the file
+            raise CatDogError(f"{path} holds Python code (a Lambda layer), which Keras's safe mode refuses to run: "
+                              f"loading it could run anything. catdog's steps never save such a layer, so this model "
+                              f"was made elsewhere: retrain it with 03-06") from e
         raise CatDogError(f"{path} is not a readable Keras model ({type(e).__name__}: {str(e)[:200]}): it may be "
                           f"truncated; retrain it") from e
+
+
+def check_split(model_path: str | Path, meta: dict, data_dir: str | Path) -> None:
+    """Refuse to judge a model (val loss, --analyze, suspects, TTA comparison, 08's agreement check) on the valid
+    rows of a split.csv other than the one it was trained on: its train rows would be judged as if unseen."""
+    recorded = meta.get("split_sha256")
+    if recorded is None:  # saved before sidecars recorded it
+        log.warning(f"{model_path}'s sidecar does not record its split: it is judged on the valid rows of today's "
+                    f"{SPLIT_CSV}, which is only honest if 01 was not rerun since it was trained")
+        return
+    if recorded != split_fingerprint(data_dir):
+        raise CatDogError(f"{model_path} was trained on another split than {Path(data_dir) / SPLIT_CSV} (01 was rerun "
+                          f"since, or this is another --data-dir): judged on today's valid rows it would be judged on "
+                          f"rows it trained on. Retrain it on this split (rerun the step that saved it), or give the "
+                          f"--data-dir it was trained with")
 
 
 def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> None:

@@ -3,7 +3,6 @@ before any work starts, and loses or overwrites nothing of the user's (models, r
 
 import json
 import os
-import pickle
 import shutil
 import stat
 import subprocess
@@ -288,23 +287,23 @@ def searched(pipeline, tmp_path_factory):
     return model_dir / "hyperopt"
 
 
-KEPT = ("trials.pkl", "trials.csv", "best.keras", "best.json")
+KEPT = ("trials.json", "trials.csv", "best.keras", "best.json")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "a pickled dict"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "a JSON list"])
 def test_06_unreadable_trials_say_how_to_start_over(pipeline, searched, tmp_path, damage):
     out = tmp_path / "hyperopt"
     shutil.copytree(searched, out)
-    pkl = out / "trials.pkl"
-    data = pkl.read_bytes()
-    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "a pickled dict": pickle.dumps({"a": 1})}
-    pkl.write_bytes(damaged[damage])
+    record = out / "trials.json"
+    data = record.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "a JSON list": b"[1, 2]"}
+    record.write_bytes(damaged[damage])
     before = snapshot(*(out / f for f in KEPT))
     with pytest.raises(CatDogError) as e:
         search(pipeline, tmp_path, 2)
     message = str(e.value)
-    assert str(pkl) in message and f"move {out} away to start the search over" in message
-    assert ("holds a dict, not hyperopt Trials" if damage == "a pickled dict" else "not a readable trials file"
+    assert str(record) in message and f"move {out} away to start the search over" in message
+    assert ("holds a list that is not catdog's record" if damage == "a JSON list" else "not a readable trials file"
             ) in message
     assert_unchanged(before)
 
@@ -332,9 +331,8 @@ def test_06_best_trials_model_gone(pipeline, tmp_path):
 # ----------------------------------------------------------------------------- 6. Ctrl-C during a search
 
 def assert_consistent(out: Path, n: int) -> None:
-    """trials.pkl, trials.csv and best.keras/best.json describe the same `n` finished trials."""
-    with open(out / "trials.pkl", "rb") as f:
-        trials = pickle.load(f)
+    """trials.json, trials.csv and best.keras/best.json describe the same `n` finished trials."""
+    trials = script("06").load_trials(out)
     table = pd.read_csv(out / "trials.csv")
     assert len(trials.trials) == n and len(table) == n and table.trial.tolist() == list(range(n))
     assert [t["result"]["loss"] for t in trials.trials] == pytest.approx(table.val_loss.tolist(), rel=1e-12)

@@ -147,7 +147,7 @@ def test_a_model_is_only_fed_the_features_it_was_trained_on(copied, tmp_path):
 def test_a_search_is_bound_to_its_models_and_settings(pipeline, tmp_path):
     d = ["--data-dir", pipeline["data"], "--model-dir", tmp_path, "--max-evals", 1, "--epochs", 1, *HEAD]
     run("06", *d, "--models", "ResNet50", "InceptionV3")
-    before = {f: (tmp_path / "hyperopt" / f).read_bytes() for f in ("trials.pkl", "best.keras", "best.json")}
+    before = {f: (tmp_path / "hyperopt" / f).read_bytes() for f in ("trials.json", "best.keras", "best.json")}
     with pytest.raises(CatDogError, match=r"trials made with other models \(\['ResNet50', 'InceptionV3'\], now "
                                           r"\['ResNet50', 'Xception'\]\).*another --model-dir"):
         run("06", *d, "--models", "ResNet50", "Xception")
