@@ -139,11 +139,11 @@ def set_block_trainable(model, base, block, train_block: bool) -> None:
 
 
 def classifier(base, input_shape, input_name: str, dropout: float, name: str):
-    """base (the tail, or the whole backbone in --mode full) -> GlobalAveragePool -> Dropout -> Dense(1, sigmoid)."""
+    """base (the tail, or the whole backbone in --mode full), which ends in the backbone's pooled features as 02
+    extracts them (Keras's pooling, ConvNeXt's LayerNorm included) -> Dropout -> Dense(1, sigmoid)."""
     import keras
     inp = keras.Input(input_shape, name=input_name)
     x = base(inp)
-    x = keras.layers.GlobalAveragePooling2D(name=helper.POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout)(x)
     out = keras.layers.Dense(1, activation="sigmoid", name=helper.PREDICTION_LAYER)(x)
     return keras.Model(inp, out, name=name)
@@ -356,7 +356,7 @@ def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
 
 # The settings that decide what a backbone computes from an image: 03's head must have been trained on
 # features made with the same ones for --init baseline to start from it.
-NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed")
+NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed", "pooling")
 
 
 def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
@@ -409,7 +409,7 @@ def main(args):
     model_dir = Path(args.model_dir)
     args.image_size = args.image_size or bb.size  # resolved, so the sidecar's args hold what was used
     helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
-    full = bb.build(args.weights, args.image_size, pooling=None)
+    full = bb.build(args.weights, args.image_size)  # to the pooled features: 03's head fits the tail's output
     args.split_layer = args.split_layer or split_layer_name(bb, full)
     extractor, tail = split_model(full, args.split_layer)
     settings = helper.ExtractSettings(backbone=bb.name, image_size=args.image_size, interpolation=args.interpolation,

@@ -33,7 +33,8 @@ from catdog.cli import (
     run_cli, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
 )
 from catdog.files import (
-    temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps
+    temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
+    is_temp, result_files
 )
 from catdog.data import (
     parse_train_name, parse_test_name, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths, test_images,
@@ -43,7 +44,7 @@ from catdog.demo import (
     DEMO_MARKER, make_demo_dataset
 )
 from catdog.images import (
-    PIL_FILTERS, INTERPOLATIONS, DECODERS, pil_filter, VIEW_PARAMS, view_params, load_resized, image_dataset,
+    PIL_FILTERS, INTERPOLATIONS, DECODERS, pil_filter, to_rgb, VIEW_PARAMS, view_params, load_resized, image_dataset,
     find_undecodable, load_pixels
 )
 from catdog.backbones import (
@@ -88,14 +89,14 @@ __all__ = [
     "base_parser", "run_cli", "head_args", "parse_head_args", "views_arg", "kfold_args", "clip_args", "clip_range",
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
-    "remove_stale_temps",
+    "remove_stale_temps", "is_temp", "result_files",
     # data
     "parse_train_name", "parse_test_name", "SPLIT_COLUMNS", "SOURCES", "read_split", "train_image_paths",
     "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
     # demo
     "DEMO_MARKER", "make_demo_dataset",
     # images
-    "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "VIEW_PARAMS", "view_params", "load_resized",
+    "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "to_rgb", "VIEW_PARAMS", "view_params", "load_resized",
     "image_dataset", "find_undecodable", "load_pixels",
     # backbones
     "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
