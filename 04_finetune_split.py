@@ -78,7 +78,8 @@ def split_model(model, layer_name: str):
             if id(op) in members and id(op) not in after:
                 after[id(op)] = op
                 stack.append(op)
-    if not after:
+    # The pooling (and ConvNeXt's LayerNorm of the pooled vector, named after it) is no block to fine-tune.
+    if not any(layer.weights for layer in after.values() if not layer.name.startswith(helper.POOL_LAYER)):
         raise CatDogError(f"cannot cut {model.name} at {layer_name}: nothing comes after it to fine-tune; "
                           f"choose a block output before the last block (ResNet50: conv5_block2_out)")
     for layer in after.values():
