@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 import helper
 from helper import CLASSES, CatDogError, log
@@ -195,7 +194,7 @@ def extract(archive: Path, into: Path) -> None:
         with zipfile.ZipFile(archive) as z:
             members = z.infolist()
             need = sum(m.file_size for m in members)
-            for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
+            for member in helper.progress(members, f"extracting {archive.name}", unit="file", leave=True):
                 z.extract(member, into)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise CatDogError(f"{archive}: not a valid zip ({e}); download it again") from e
@@ -251,8 +250,8 @@ def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int, key: st
         return {**row, **check_image(entry.path)}
 
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {key}/",
-                         unit="img", disable=len(entries) < 500))
+        rows = list(helper.progress(pool.map(check, entries), f"checking {key}/", unit="img", total=len(entries),
+                                    disable=len(entries) < 500, leave=True))
     return pd.DataFrame(rows, columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
 
 
@@ -434,8 +433,8 @@ def build_layout(data: Path, plan: dict[str, Path], copy: bool) -> None:
     helper.remove_stale_temps(data, ".reorganize.*")
     tmp = helper.temp_name(data / "reorganize")  # this process's own: two runs never share one
     try:
-        for rel, src in tqdm(plan.items(), desc="linking" if not copy else "copying", unit="file",
-                             disable=len(plan) < 2000):
+        for rel, src in helper.progress(plan.items(), "linking" if not copy else "copying", unit="file",
+                                        disable=len(plan) < 2000, leave=True):
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if copy:

@@ -80,7 +80,8 @@ def split_model(model, layer_name: str):
             if id(op) in members and id(op) not in after:
                 after[id(op)] = op
                 stack.append(op)
-    if not after:
+    # The pooling (and ConvNeXt's LayerNorm of the pooled vector, named after it) is no block to fine-tune.
+    if not any(layer.weights for layer in after.values() if not layer.name.startswith(helper.POOL_LAYER)):
         raise CatDogError(f"cannot cut {model.name} at {layer_name}: nothing comes after it to fine-tune; "
                           f"choose a block output before the last block (ResNet50: conv5_block2_out)")
     for layer in after.values():
@@ -141,11 +142,11 @@ def set_block_trainable(model, base, block, train_block: bool) -> None:
 
 
 def classifier(base, input_shape, input_name: str, dropout: float, name: str):
-    """base (the tail, or the whole backbone in --mode full) -> GlobalAveragePool -> Dropout -> Dense(1, sigmoid)."""
+    """base (the tail, or the whole backbone in --mode full), which ends in the backbone's pooled features as 02
+    extracts them (Keras's pooling, ConvNeXt's LayerNorm included) -> Dropout -> Dense(1, sigmoid)."""
     import keras
     inp = keras.Input(input_shape, name=input_name)
     x = base(inp)
-    x = keras.layers.GlobalAveragePooling2D(name=helper.POOL_LAYER)(x)
     x = keras.layers.Dropout(dropout)(x)
     # float32 under a mixed policy too (as Keras's mixed-precision guide says): a stable sigmoid and loss.
     out = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=helper.PREDICTION_LAYER)(x)
@@ -360,7 +361,7 @@ def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
 # The settings that decide what a backbone computes from an image: 03's head must have been trained on
 # features made with the same ones for --init baseline to start from it. Not the precision: a head is only a start
 # there (or a comparison), and bfloat16 moves features by under 1% (benchmarks/precision_bench.md).
-NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed")
+NETWORK_SETTINGS = ("backbone", "image_size", "interpolation", "decoder", "jpeg_draft", "weights", "seed", "pooling")
 
 
 def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
@@ -420,7 +421,7 @@ def finetune(args):
     model_dir = Path(args.model_dir)
     args.image_size = args.image_size or bb.size  # resolved, so the sidecar's args hold what was used
     helper.set_seed(args.seed)  # --weights none: the same random network as 02 built
-    full = bb.build(args.weights, args.image_size, pooling=None)
+    full = bb.build(args.weights, args.image_size)  # to the pooled features: 03's head fits the tail's output
     args.split_layer = args.split_layer or split_layer_name(bb, full)
     extractor, tail = split_model(full, args.split_layer)
     settings = helper.ExtractSettings(backbone=bb.name, image_size=args.image_size, interpolation=args.interpolation,

@@ -164,6 +164,9 @@ class Candidate:
 def locate(token: str, model_dir: Path) -> Path:
     """A --blend entry: a path, or a name found under --model-dir."""
     path = Path(token)
+    if helper.is_temp(path):
+        raise CatDogError(f"--blend {token}: a temp file of an unfinished (or killed) write, not a model: give a "
+                          f"saved model or K-fold folder")
     if (path.suffix == ".keras" and path.is_file()) or (path / helper.KFOLD_SUMMARY).is_file():
         return path
     if path.is_dir() and not (path / helper.KFOLD_SUMMARY).is_file() and any(path.glob("fold*.keras")):
@@ -184,10 +187,11 @@ def locate(token: str, model_dir: Path) -> Path:
 def auto_models(model_dir: Path, kfold_only: bool = True) -> list[Path]:
     """--blend auto: every finished K-fold model, else (or with kfold_only False, also) every saved head."""
     kfold = sorted(p.parent for step in (helper.SINGLE_DIR, helper.MERGE_DIR)
-                   for p in (model_dir / step).glob(f"*/{helper.KFOLD_SUMMARY}"))
+                   for p in helper.result_files(model_dir / step, f"*/{helper.KFOLD_SUMMARY}"))
     if kfold and kfold_only:
         return kfold
-    heads = sorted(p for step in (helper.SINGLE_DIR, helper.MERGE_DIR) for p in (model_dir / step).glob("*.keras"))
+    heads = sorted(p for step in (helper.SINGLE_DIR, helper.MERGE_DIR)
+                   for p in helper.result_files(model_dir / step, "*.keras"))
     best = [model_dir / helper.HYPEROPT_BEST] if (model_dir / helper.HYPEROPT_BEST).is_file() else []
     return ([] if kfold_only else kfold) + heads + best
 
@@ -301,7 +305,7 @@ def image_grid(rows: pd.DataFrame, data_dir: Path, path: Path, top: int) -> None
         ax.axis("off")
     for ax, r in zip(axes.ravel(), rows.head(top).itertuples(), strict=False):  # grid may have spare cells
         with Image.open(data_dir / helper.TRAIN2 / CLASSES[r.label] / r.filename) as im:
-            ax.imshow(im.convert("RGB"))
+            ax.imshow(helper.to_rgb(im))
         ax.set_title(f"{CLASSES[r.label]}_{train_image_id(r.filename)}_{r.prediction:.4f}", fontsize=9)
     helper.save_figure(fig, path)
 

@@ -5,8 +5,9 @@ composed with its backbones into one flat functional graph: a batch of S x S RGB
 backbone size), and per backbone branch: the resize 02 did (Pillow's own filter weights as two fixed matrix
 products, when the branch is smaller than S), the backbone's preprocess_input (as a fixed 1x1 convolution), the
 backbone (the weights of its features: ImageNet, or the same seeded random network 02 built with --weights none),
-global average pooling; then the head (`logit`, `p_dog`). predict.py stretches any photo to S x S with Pillow,
-as 02 did, so with S equal to the backbone size the exported model sees exactly 02's pixels.
+Keras's pooling (global average pooling; ConvNeXt's LayerNorm after it); then the head (`logit`, `p_dog`).
+predict.py stretches any photo to S x S with Pillow, as 02 did, so with S equal to the backbone size the exported
+model sees exactly 02's pixels.
 Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
 """
 
@@ -55,7 +56,12 @@ def branches(model, meta: dict, model_path: Path, precision: str = "float32") ->
         if st.jpeg_draft:
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded with --jpeg-draft (reduced-scale "
                               f"JPEG decoding), which a pixel model cannot reproduce: extract without it and retrain")
-        helper.get_backbone(st.backbone)
+        bb = helper.get_backbone(st.backbone)
+        if st.pooling != bb.pooling:
+            raise CatDogError(f"{model_path}: its {st.backbone} features were pooled as an earlier release did "
+                              f"({st.pooling}), not as Keras pools {st.backbone} ({bb.pooling}), which the export "
+                              f"rebuilds: rerun the step that made them (02_extract_features.py, or "
+                              f"04_finetune_split.py for its maps: they are recomputed) and retrain the model")
     for st in settings:
         if st.decoder != "pil":
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded by TensorFlow (02 --decoder "
@@ -128,17 +134,16 @@ def preprocess(x, bb: helper.Backbone, name: str):
     return x
 
 
-def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled: bool = True):
+def branch(image, size_in: int, st: helper.ExtractSettings, weights: str):
     """One backbone branch on the float image: resize, preprocess, the backbone (seeded as 02 built it: the
-    same random network with --weights none), global average pooling. Returns (features or maps, backbone)."""
-    import keras
+    same random network with --weights none) with Keras's pooling, as 02 extracted and 04 fine-tuned it.
+    Returns (features, backbone)."""
     bb = helper.get_backbone(st.backbone)
     x = image if size_in == st.image_size else resize(image, size_in, st.image_size, st.interpolation, bb.name)
     x = preprocess(x, bb, bb.name)
     helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
-    net = bb.build(weights, st.image_size, pooling=None, input_tensor=x)
-    maps = net.output
-    return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_{helper.POOL_LAYER}")(maps) if pooled else maps), net
+    net = bb.build(weights, st.image_size, input_tensor=x, pool_name=f"{bb.name}_{helper.POOL_LAYER}")
+    return net.output, net
 
 
 def copy_weights(source, target, what: str) -> None:
@@ -176,12 +181,11 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None, precis
         feats = [f for f, _ in built]
         feats = feats[0] if len(feats) == 1 else keras.layers.Concatenate(name="concat")(feats)
     else:  # 04: the backbone rebuilt, then the fine-tuned layers' weights put back
-        maps, net = branch(x, size, settings[0], weights or settings[0].weights, pooled=False)
+        feats, net = branch(x, size, settings[0], weights or settings[0].weights)
         nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
         if len(nested) != 1:
             raise CatDogError(f"{model_path}: expected one nested backbone or tail, found {len(nested)}")
         copy_weights(nested[0], net, str(model_path))
-        feats = keras.layers.GlobalAveragePooling2D(name=f"{settings[0].backbone}_{helper.POOL_LAYER}")(maps)
     dense = keras.layers.Dense(1, name="logit")
     out = keras.layers.Activation("sigmoid", name="p_dog")(dense(feats))
     dense.set_weights(model.get_layer(helper.PREDICTION_LAYER).get_weights())
@@ -255,6 +259,7 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None)
     one or a previous export is replaced (check_out_dir). `float32`: the float32 twin of a bfloat16 or float16
     `pixels`, which the TFLite file is converted from."""
     out_dir = check_out_dir(out_dir)
+    helper.remove_stale_temps(out_dir.parent, f".{out_dir.name}.*")  # a killed export's folders (GBs)
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
     try:
         tmp.mkdir(parents=True)

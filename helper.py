@@ -35,7 +35,7 @@ from catdog.cli import (
 )
 from catdog.files import (
     temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
-    no_space, plain_name, exclusive_lock, inside, check_outputs, to_plain, from_plain
+    no_space, plain_name, exclusive_lock, inside, check_outputs, to_plain, from_plain, is_temp, result_files
 )
 from catdog.data import (
     parse_train_name, parse_test_name, read_name_list, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths,
@@ -45,7 +45,7 @@ from catdog.demo import (
     DEMO_MARKER, make_demo_dataset
 )
 from catdog.images import (
-    PIL_FILTERS, INTERPOLATIONS, DECODERS, pil_filter, VIEW_PARAMS, view_params, load_resized, image_dataset,
+    PIL_FILTERS, INTERPOLATIONS, DECODERS, pil_filter, to_rgb, VIEW_PARAMS, view_params, load_resized, image_dataset,
     find_undecodable, load_pixels
 )
 from catdog.backbones import (
@@ -98,7 +98,7 @@ __all__ = [
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
     "remove_stale_temps", "no_space", "plain_name", "exclusive_lock", "inside", "check_outputs", "to_plain",
-    "from_plain",
+    "from_plain", "is_temp", "result_files",
     # data
     "parse_train_name", "parse_test_name", "read_name_list", "SPLIT_COLUMNS", "SOURCES", "read_split",
     "train_image_paths", "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment",
@@ -106,7 +106,7 @@ __all__ = [
     # demo
     "DEMO_MARKER", "make_demo_dataset",
     # images
-    "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "VIEW_PARAMS", "view_params", "load_resized",
+    "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "to_rgb", "VIEW_PARAMS", "view_params", "load_resized",
     "image_dataset", "find_undecodable", "load_pixels",
     # backbones
     "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",

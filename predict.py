@@ -93,7 +93,7 @@ def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float,
     cams = helper.grad_cam(classifier.model, pixels[None], [f"{n}_{helper.POOL_LAYER}" for n in names])[:, 0]
     from PIL import ImageOps
     with Image.open(path) as im:
-        photo = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        photo = np.asarray(helper.to_rgb(ImageOps.exif_transpose(im)))
     h, w = photo.shape[:2]
     cams = np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
                      for c in cams])

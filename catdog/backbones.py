@@ -30,6 +30,9 @@ class Backbone:
     # False where Keras builds the network differently unless weights="imagenet" (EfficientNet B0-B7 add an input
     # scaling only then), so a weights file would be read into a network that scales its input otherwise.
     file_weights: bool = True
+    # Keras's pooled features (include_top=False, pooling="avg"): "avg", or "avg+layernorm" where the pooled vector
+    # is normalised by the network's final LayerNorm (ConvNeXt). Feature files record it.
+    pooling: str = "avg"
 
     def preprocess(self, x):
         """This backbone's own preprocess_input ('caffe', [-1, 1], or none where the model normalises its 0-255
@@ -39,11 +42,12 @@ class Backbone:
         return fn(np.array(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)  # it edits numpy in place
 
     def build(self, weights: str = "imagenet", image_size: int | None = None, pooling: str | None = "avg",
-              input_tensor=None):
-        """The CNN without its top: Keras's last feature maps, and with pooling='avg' their GlobalAveragePool.
-        The pool is ours, not Keras's: Keras's pooled ConvNeXt normalises after pooling, so its features would not
-        be the pooled maps that 04 fine-tunes and 08 exports (for the others the two are the same). On
-        `input_tensor` (08), its layers join that tensor's graph instead of a nested model."""
+              input_tensor=None, pool_name: str = POOL_LAYER):
+        """The CNN without its top: with pooling='avg' Keras's own pooled features (`include_top=False,
+        pooling="avg"`: ConvNeXt normalises the pooled vector with its final LayerNorm, what its ImageNet head was
+        trained on), its GlobalAveragePooling named `pool_name` (Grad-CAM reads the maps at its input); with
+        pooling=None Keras's last feature maps. On `input_tensor` (08), its layers join that tensor's graph instead
+        of a nested model."""
         import keras
         size = image_size or self.size
         if size < self.min_size:
@@ -52,7 +56,9 @@ class Backbone:
             raise ValueError(f"pooling must be None or 'avg', got {pooling!r}")
         ctor = getattr(keras.applications, self.constructor)
         w = resolve_weights(weights, self)
-        build = functools.partial(ctor, include_top=False, weights=w, input_shape=(size, size, 3), pooling=None,
+        if input_tensor is not None and w is not None:
+            return self._flat_with_weights(weights, size, pooling, input_tensor, pool_name)
+        build = functools.partial(ctor, include_top=False, weights=w, input_shape=(size, size, 3), pooling=pooling,
                                   input_tensor=input_tensor)
         try:
             net = build()
@@ -67,10 +73,42 @@ class Backbone:
                 + (" (or in any folder, and pass --weights FOLDER)" if self.file_weights else "")) from e
         if pooling is None:
             return net
-        pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(net.output)
-        return keras.Model(net.input, pooled, name=net.name)
+        return _named_pool(net, pool_name)
+
+    def _flat_with_weights(self, weights: str, size: int, pooling: str | None, input_tensor, pool_name: str):
+        """build() on `input_tensor` with weights: Keras reads a weights file by the order of the layers with
+        weights, which on an input tensor would include the layers before it (08's preprocessing), so the network
+        is built with its weights on its own input and they are copied into a random one built on the tensor."""
+        if not self.file_weights:  # Keras adds its input scaling only while loading: the random one would lack it
+            raise CatDogError(f"{self.name}'s ImageNet network cannot be rebuilt inside another graph (Keras adds "
+                              f"its input scaling only when it loads the weights itself): use another backbone")
+        loaded = self.build(weights, size, pooling, pool_name=pool_name)
+        flat = self.build("none", size, pooling, input_tensor, pool_name)
+        src = [layer for layer in loaded.layers if layer.weights]
+        dst = [layer for layer in flat.layers if layer.weights][-len(src):]
+        for a, b in zip(src, dst, strict=True):
+            b.set_weights(a.get_weights())
+        return flat
 
 
+def _named_pool(net, pool_name: str):
+    """Keras's pooled network with its GlobalAveragePooling named `pool_name` and the layers after it (ConvNeXt's
+    LayerNorm) rebuilt with its weights: the same computation, under names later steps look up and that do not
+    depend on how many networks this session built."""
+    import keras
+    pools = [i for i, layer in enumerate(net.layers) if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+    if not pools:
+        raise ValueError(f"{net.name} has no GlobalAveragePooling2D")
+    pool = net.layers[pools[-1]]
+    x = keras.layers.GlobalAveragePooling2D(name=pool_name)(pool.input)
+    for layer in net.layers[pools[-1] + 1:]:
+        twin = type(layer).from_config({**layer.get_config(), "name": f"{pool_name}_{type(layer).__name__.lower()}"})
+        x = twin(x)
+        twin.set_weights(layer.get_weights())
+    return keras.Model(net.input, x, name=net.name)
+
+
+CONVNEXT_POOLING = "avg+layernorm"
 _NOTOP = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # The report's backbones, in its order: what 02 extracts by default.
@@ -97,9 +135,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
              "block7c_add", "https://storage.googleapis.com/keras-applications/efficientnetb7_notop.h5",
              file_weights=False),
     Backbone("ConvNeXtBase", "convnext", "ConvNeXtBase", 224, 32, 1024, "convnext_base_notop.h5",
-             "convnext_base_downsampling_block_2", _APPS + "convnext/convnext_base_notop.h5"),
+             "convnext_base_downsampling_block_2", _APPS + "convnext/convnext_base_notop.h5", pooling=CONVNEXT_POOLING),
     Backbone("ConvNeXtXLarge", "convnext", "ConvNeXtXLarge", 224, 32, 2048, "convnext_xlarge_notop.h5",
-             "convnext_xlarge_downsampling_block_2", _APPS + "convnext/convnext_xlarge_notop.h5"),
+             "convnext_xlarge_downsampling_block_2", _APPS + "convnext/convnext_xlarge_notop.h5",
+             pooling=CONVNEXT_POOLING),
     Backbone("NASNetLarge", "nasnet", "NASNetLarge", 331, 32, 4032, "nasnet_large_no_top.h5", None,
              _APPS + "nasnet/NASNet-large-no-top.h5"),
     Backbone("ResNet152V2", "resnet_v2", "ResNet152V2", 224, 32, 2048, "resnet152v2" + _NOTOP, "conv5_block2_out",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +71,42 @@ def versions() -> dict:
     return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
 
-def progress(it, desc: str):
-    """A tqdm progress bar over `it` (batches)."""
-    from tqdm import tqdm
-    return tqdm(it, desc=desc, unit="batch", leave=False, mininterval=1.0)
+PROGRESS_SECONDS = 30.0  # without a terminal: one plain progress line this often
+
+
+def progress(it, desc: str, unit: str = "batch", total: int | None = None, disable: bool = False,
+             leave: bool = False):
+    """`it`, showing how far it got: the one place that decides how. On a terminal a tqdm bar; when stderr is not
+    a terminal (a log file, CI, nohup) a bar's carriage-return frames would pile up in one line, so instead a
+    plain line every PROGRESS_SECONDS, and one when done if any was written. `disable` shows nothing."""
+    if disable:
+        return it
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(it, desc=desc, unit=unit, total=total, leave=leave, mininterval=1.0)
+    return _plain_progress(it, desc, unit, total if total is not None else _length(it))
+
+
+def _length(it) -> int | None:
+    try:
+        return len(it)
+    except TypeError:
+        return None
+
+
+def _plain_progress(it, desc: str, unit: str, total: int | None):
+    start = last = time.monotonic()
+    done, wrote = 0, False
+    of = f"/{total}" if total is not None else ""
+    for item in it:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            print(f"{desc}: {unit} {done}{of}, {now - start:.0f} s", file=sys.stderr, flush=True)
+            last, wrote = now, True
+    if wrote:
+        print(f"{desc}: {unit} {done}{of}, done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def set_seed(seed: int) -> None:

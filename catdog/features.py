@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .backbones import BACKBONES
 from .common import DEFAULT_SEED, FEATURES, PREDICT_BATCH, SPLIT_CSV, TEST2, CatDogError, progress, versions
 from .data import laid_out_test_ids, read_split, test_images, train_image_paths
-from .files import check_writable_target, temp_name
+from .files import check_writable_target, remove_stale_temps, temp_name
 from .images import find_undecodable, image_dataset, view_params
 from .precision import legacy_precision
 
@@ -74,6 +75,14 @@ class ExtractSettings:
     dtype: str = "float32"
     views: int = 1            # 02 --views: feature rows of augmented views beside the plain ones
     views_dtype: str = ""     # their storage type ("" without views)
+    # How the backbone's features are pooled (Backbone.pooling; "" = the registry's). Files and sidecars without
+    # it were made before it was recorded, with plain "avg" pooling: ConvNeXt's then averaged normalised maps.
+    pooling: str = ""
+
+    def __post_init__(self):
+        if not self.pooling:
+            bb = BACKBONES.get(self.backbone)
+            object.__setattr__(self, "pooling", bb.pooling if bb else LEGACY_POOLING)
 
     def attrs(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,7 +90,11 @@ class ExtractSettings:
     @classmethod
     def of(cls, attrs: dict) -> ExtractSettings:  # the settings stored in a file's (or sidecar's) attributes
         attrs = legacy_precision(attrs)
-        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
+        return cls(**({"pooling": LEGACY_POOLING}
+                      | {f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs}))
+
+
+LEGACY_POOLING = "avg"  # the pooling of files and sidecars that do not record theirs
 
 
 # Settings that add rows beside the plain ones without changing them: a model trained on a file's plain rows can
@@ -97,7 +110,7 @@ def setting_changes(stored: dict, wanted: dict, keys: Sequence[str] | None = Non
     stored, wanted = legacy_precision(stored), legacy_precision(wanted)
 
     def plain(attrs, f):  # HDF5 gives numpy scalars back
-        v = attrs.get(f.name, f.default)
+        v = attrs.get(f.name, LEGACY_POOLING if f.name == "pooling" else f.default)
         return v.item() if hasattr(v, "item") else v
     return [f.name for f in dataclasses.fields(ExtractSettings)
             if (keys is None or f.name in keys) and plain(stored, f) != plain(wanted, f)
@@ -160,6 +173,7 @@ class FeatureWriter:
     def __enter__(self) -> FeatureWriter:
         import h5py
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path.parent)  # a killed extraction's half file: GBs for 04's maps
         try:
             self.file = h5py.File(self.tmp, "w")
             # One row per chunk: streaming training reads single rows fast; no compression (10x slower reads).
@@ -262,6 +276,22 @@ def make_extract_step(model, preprocess, strategy=None):
     return distributed_step
 
 
+def undecodable_message(chunk: Sequence[str], settings: ExtractSettings) -> str:
+    """What is wrong with the image of `chunk` the pipeline could not decode, and what to do. 01 keeps what Pillow
+    reads, so advising a rerun of 01 helps only with a file Pillow cannot read either (changed since 01, or 01
+    not run); one only TensorFlow's decoder fails on (an animated GIF) needs another decoder or a conversion."""
+    bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
+    if bad is None:
+        return (f"cannot decode an image in {', '.join(chunk[:3])}: rerun 01_reorganize_data.py, which skips "
+                f"broken files")
+    if settings.decoder != "pil" and find_undecodable([bad], settings.image_size, settings.interpolation) is None:
+        return (f"cannot decode {bad} with --decoder {settings.decoder} (TensorFlow's decoder reads JPEG, PNG, "
+                f"BMP and single-frame GIF; this file is something else, such as an animated GIF), though Pillow "
+                f"reads it, so 01 keeps it: extract with --decoder pil (the default), or convert the file to a "
+                f"JPEG and rerun 01_reorganize_data.py")
+    return f"cannot decode {bad}: rerun 01_reorganize_data.py, which skips broken files"
+
+
 def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path, settings: ExtractSettings,
                     batch_size: int, strategy=None) -> int:
     """Run every train2 (labelled) and test2 image through `step` (see make_extract_step) into an HDF5 file of rows of
@@ -289,9 +319,7 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
                         x = next(batches)
                     except tf.errors.OpError as e:
                         chunk = paths[k * batch_size:(k + 1) * batch_size]
-                        bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
-                        raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
-                                          f"rerun 01_reorganize_data.py, which skips broken files") from e
+                        raise CatDogError(undecodable_message(chunk, settings)) from e
                     writer.append(part, step(x).numpy().astype(settings.dtype), view)
             writer.commit()  # HDF5 flushes its chunk cache here: a full disk can surface now too
     except OSError as e:  # h5py's write errors carry the errno in their text only

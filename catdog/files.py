@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +29,30 @@ from .common import CatDogError, log
 def temp_name(path: str | Path, suffix: str = "") -> Path:
     """A hidden temp name beside `path`, this process's and call's own: two runs never share a half file."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMP_COUNTER)}.partial{suffix}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMP_COUNTER)}.partial{suffix}")
+    _MINE.add(tmp.name)
+    return tmp
 
 
 _TEMP_COUNTER = itertools.count()
+# The temp names this process made: a temp of our pid that is not among them was left by an earlier process that
+# had the same pid (containers start every run with the same few pids), so it may be removed; ours may be in use.
+_MINE: set[str] = set()
+# temp_name's names: `.<name>.<pid>.<n>.partial`, then the suffix a writer insisted on (`.keras`, `.png`, `.zip`).
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<n>\d+)\.partial(?:\.[^.]+)?$")
+
+
+def is_temp(path: str | Path) -> bool:
+    """Whether `path` is named like a temp file or folder of temp_name."""
+    return _TEMP_RE.match(Path(path).name) is not None
+
+
+def result_files(folder: str | Path, pattern: str) -> list[Path]:
+    """The files or folders matching `pattern` under `folder`, sorted, without hidden ones (pathlib's glob
+    matches dotfiles: a killed run's `.NAME.keras.<pid>.0.partial.keras` must never be listed as a result)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(pattern)
+                  if not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def check_writable_target(path: str | Path) -> Path:
@@ -53,11 +74,18 @@ def check_writable_target(path: str | Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `path`, renamed onto it only if the block succeeds. `suffix` keeps an extension
-    some writers insist on (Keras wants `.keras`); a symlink to a regular file stays, its target is replaced."""
+    some writers insist on (Keras wants `.keras`); a symlink to a regular file in the same folder (or below it)
+    stays and its target is replaced; one that leads out of the folder is refused. Dead runs' temps in the folder
+    are removed first."""
     path = check_writable_target(path)
     if path.is_symlink():
-        path = path.resolve()
+        target = path.resolve()
+        if not target.is_relative_to(path.parent.resolve()):
+            raise CatDogError(f"{path} is a symlink to {target}, outside its folder {path.parent}: writes never "
+                              f"follow a link out of their folder; remove the link or give another path")
+        path = target
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
     tmp = temp_name(path, suffix)
     try:
         yield tmp
@@ -94,19 +122,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def remove_stale_temps(folder: Path, pattern: str) -> None:
-    """Remove temp files and folders (named by temp_name: `.<name>.<pid>.<n>.partial`) left by runs that are no
-    longer alive (killed, or the machine restarted); those of a running process are its own business."""
+def remove_stale_temps(folder: str | Path, pattern: str = ".*.partial*") -> None:
+    """Remove temp files and folders (named by temp_name: `.<name>.<pid>.<n>.partial[.suffix]`) matching
+    `pattern` in `folder` that were left by runs no longer alive (killed, or the machine restarted); those of a
+    running process are its own business, and so are this process's own."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
     for tmp in folder.glob(pattern):
-        pid = tmp.name.split(".")[-3]
-        if pid.isdigit() and int(pid) != os.getpid():
+        m = _TEMP_RE.match(tmp.name)
+        if m is None:
+            continue  # not a name of ours
+        pid = int(m["pid"])
+        if pid == os.getpid():
+            if tmp.name in _MINE:
+                continue  # one of this process's writes, perhaps in progress
+        elif pid > 0:  # os.kill(0, ...) would signal our own process group
             try:
-                os.kill(int(pid), 0)
+                os.kill(pid, 0)
                 continue  # still running
             except ProcessLookupError:
                 pass
             except PermissionError:  # alive, under another user
                 continue
+            except OverflowError:  # no such pid can exist
+                pass
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:

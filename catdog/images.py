@@ -27,6 +27,15 @@ def pil_filter(interpolation: str):
     return getattr(Image.Resampling, PIL_FILTERS[interpolation])
 
 
+def to_rgb(im):
+    """A Pillow image of any mode (grayscale, 16-bit, CMYK, palette, alpha) as 8-bit RGB: the one conversion of
+    02's decoder, predict.py and 08. 16-bit images are scaled to 8 bits (convert("RGB") would clip them to white)."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> np.ndarray:
     """Pillow's decode and antialiased resize of one image, as float32 RGB (size, size, 3). Pillow releases the
     GIL, so tf.data runs it in parallel threads; its antialiased bilinear is 2-3x faster than TF's."""
@@ -34,7 +43,7 @@ def _pil_resized(path: str, size: int, interpolation: str, jpeg_draft: bool) -> 
     with Image.open(path) as im:
         if jpeg_draft:
             im.draft("RGB", (size, size))  # libjpeg DCT scaling to the smallest scale still >= size
-        return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.float32)
+        return np.asarray(to_rgb(im).resize((size, size), pil_filter(interpolation)), dtype=np.float32)
 
 
 # Augmented feature views (02 --views): view 0 is the image itself, view 1 its mirror, views 2.. random
@@ -69,7 +78,7 @@ def _pil_view(path: str, size: int, interpolation: str, jpeg_draft: bool, params
     with Image.open(path) as im:
         if jpeg_draft:
             im.draft("RGB", (size, size))
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if mirror:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         scaled = max(size, round(size / zoom))  # the stretched, square image whose crop is size x size
@@ -184,9 +193,7 @@ def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", ex
         with Image.open(path) as im:
             if exif:
                 im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits: convert("RGB") would clip it to white
-                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
-            return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.uint8)
+            return np.asarray(to_rgb(im).resize((size, size), pil_filter(interpolation)), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 

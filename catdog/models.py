@@ -232,7 +232,7 @@ def pick_model(model_dir: Path) -> tuple[Path, str]:
         results = model_dir / step / RESULTS_CSV
         if results.is_file():
             df = pd.read_csv(results)
-            df = df[[(model_dir / step / f"{m}.keras").is_file() for m in df.model]]
+            df = df[[not str(m).startswith(".") and (model_dir / step / f"{m}.keras").is_file() for m in df.model]]
             if len(df):
                 row = df.loc[df.val_loss.idxmin()]
                 return (model_dir / step / f"{row.model}.keras",

@@ -39,6 +39,18 @@ def assert_close(got, expected, rel: float = 1e-4):
     assert np.abs(got - expected).max() <= rel * np.abs(expected).max()
 
 
+def keras_pool(model, maps: np.ndarray) -> np.ndarray:
+    """Keras's pooling (include_top=False, pooling="avg") of `maps`, in numpy: the average, then for ConvNeXt the
+    network's final LayerNorm (with `model`'s weights of it)."""
+    pooled = maps.mean(axis=(1, 2))
+    norm = model.layers[-1]
+    if type(norm).__name__ != "LayerNormalization":
+        return pooled
+    gamma, beta = norm.get_weights()
+    mean, var = pooled.mean(-1, keepdims=True), pooled.var(-1, keepdims=True)
+    return (pooled - mean) / np.sqrt(var + norm.epsilon) * gamma + beta
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FACTS))
 def test_new_backbone_matches_keras_at_its_smallest_size(name):
@@ -54,23 +66,25 @@ def test_new_backbone_matches_keras_at_its_smallest_size(name):
     helper.set_seed(1)
     ours = bb.build("none", SMALL)
     assert tuple(ours.output.shape) == (None, width)
+    assert (type(ours.layers[-1]).__name__ == "LayerNormalization") == name.startswith("ConvNeXt")
+    assert bb.pooling == ("avg+layernorm" if name.startswith("ConvNeXt") else "avg")
     got = call(ours, bb.preprocess(pixels))
-    # Keras's network as its constructor built it (its maps, before our pool), fed as Keras documents.
+    # Keras's network as its constructor built it (its maps, before the pool), fed as Keras documents.
     net = keras.Model(ours.input, ours.get_layer("avg_pool").input)
     normalises = [type(layer).__name__ for layer in net.layers[:4]
                   if isinstance(layer, keras.layers.Rescaling | keras.layers.Normalization)]
     assert bool(normalises) == (documented == "0-255"), normalises
     maps = call(net, RANGES[documented](pixels))
-    assert_close(got, maps.mean(axis=(1, 2)))
+    assert_close(got, keras_pool(ours, maps))
     # The comparison has power: the other input range changes the features.
     wrong = "-1..1" if documented == "0-255" else "0-255"
-    other = call(net, RANGES[wrong](pixels)).mean(axis=(1, 2))
+    other = keras_pool(ours, call(net, RANGES[wrong](pixels)))
     assert np.abs(got - other).max() > 0.01 * np.abs(got).max()
 
     split = script("04")
     if bb.split_layer:
-        extractor, tail = split.split_model(net, split.split_layer_name(bb, net))
-        assert_close(call(tail, call(extractor, RANGES[documented](pixels))), maps)
+        extractor, tail = split.split_model(ours, split.split_layer_name(bb, ours))
+        assert_close(call(tail, call(extractor, RANGES[documented](pixels))), got)
         assert 0 < tail.count_params() < net.count_params() / 2  # the last block(s), not the network
     else:  # NASNet: each cell also reads the cell before the last one, so no layer is a clean cut
         with pytest.raises(CatDogError, match="inside a block"):
@@ -149,8 +163,9 @@ def demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_extract_new_backbones_on_demo_data(demo):
-    """02's files have the registry's widths; ConvNeXt's features are the mean of Keras's maps of the raw 0-255
-    pixels (the same seeded network 02 built)."""
+    """02's files have the registry's widths; ConvNeXt's features are Keras's pooled features
+    (include_top=False, pooling="avg": pooled, then normalised) of the raw 0-255 pixels (the same seeded network
+    02 built), and the file records that pooling."""
     import keras
     data, split = demo["data"], demo["split"]
     assert demo["table"].backbone.tolist() == ["EfficientNetV2S", "ConvNeXtBase"]
@@ -159,15 +174,32 @@ def test_extract_new_backbones_on_demo_data(demo):
         with h5py.File(helper.feature_path(data, name), "r") as f:
             assert f["labelled"].shape == (len(split), FACTS[name][1]) and f["test"].shape == (n_test, FACTS[name][1])
             assert np.isfinite(f["labelled"][:]).all() and f.attrs["image_size"] == DEMO
+            assert f.attrs["pooling"] == helper.BACKBONES[name].pooling
             if name == "ConvNeXtBase":
                 features = f["labelled"][:2]
     paths = helper.train_image_paths(data, split)[:2]
     pixels = np.stack([helper.load_pixels(p, DEMO) for p in paths]).astype(np.float32)
     helper.set_seed(helper.DEFAULT_SEED)  # as 02 did before building
-    net = keras.applications.ConvNeXtBase(include_top=False, weights=None, input_shape=(DEMO, DEMO, 3))
-    maps = call(net, pixels)
-    assert_close(features, maps.mean(axis=(1, 2)), rel=1e-3)
+    net = keras.applications.ConvNeXtBase(include_top=False, weights=None, input_shape=(DEMO, DEMO, 3),
+                                          pooling="avg")
+    assert_close(features, call(net, pixels), rel=1e-3)
+    maps = call(keras.Model(net.input, net.layers[-2].input), pixels)  # the old features: normalised maps' mean
+    norm = net.layers[-1]
+    normalised = (maps - maps.mean(-1, keepdims=True)) / np.sqrt(maps.var(-1, keepdims=True) + norm.epsilon)
+    assert np.abs(features - normalised.mean(axis=(1, 2))).max() > 0.01 * np.abs(features).max()
     keras.backend.clear_session()
+
+
+def test_old_convnext_feature_files_are_recomputed():
+    """A ConvNeXt feature file written before the pooling was recorded (the mean of the normalised maps) is stale;
+    the others' files stay good, and their settings read back with the pooling they were made with."""
+    for name in ("ConvNeXtBase", "ConvNeXtXLarge", "ResNet50", "EfficientNetV2S"):
+        now = helper.ExtractSettings(name, 64).attrs()
+        old = {k: v for k, v in now.items() if k != "pooling"}
+        assert now["pooling"] == helper.BACKBONES[name].pooling
+        assert helper.setting_changes(old, now) == (["pooling"] if name.startswith("ConvNeXt") else [])
+        assert helper.ExtractSettings.of(old).pooling == "avg"
+        assert helper.ExtractSettings.of(now) == helper.ExtractSettings(name, 64)
 
 
 @pytest.mark.slow
@@ -214,4 +246,42 @@ def test_export_branch_feeds_raw_pixels_like_02(name):
     helper.set_seed(7)
     extracted = call(bb.build("none", DEMO), bb.preprocess(pixels))
     assert_close(call(branch, pixels), extracted)
+    keras.backend.clear_session()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in helper.BACKBONES if n.startswith("ConvNeXt")])
+def test_convnext_02_04_08_give_keras_pooled_features(name, tmp_path):
+    """02's network, 04's maps extractor + tail + classifier and 08's branch all compute
+    keras.applications.ConvNeXt*(include_top=False, pooling="avg") to 1e-5, with the same weights read from a
+    weights file as the ImageNet ones are (LayerNorm weights made non-trivial, so their copy is tested too)."""
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+    bb = helper.BACKBONES[name]
+    ref = getattr(keras.applications, name)(include_top=False, pooling="avg", weights=None,
+                                            input_shape=(SMALL, SMALL, 3))
+    rng = np.random.default_rng(0)
+    for layer in ref.layers:
+        if isinstance(layer, keras.layers.LayerNormalization):
+            gamma, beta = layer.get_weights()
+            layer.set_weights([gamma + rng.normal(0, 0.3, gamma.shape), beta + rng.normal(0, 0.3, beta.shape)])
+    with h5py.File(tmp_path / bb.weights_file, "w") as f:  # the layout of Keras's *_notop.h5 files
+        legacy_h5_format.save_weights_to_hdf5_group(f, ref)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, SMALL, SMALL, 3)).astype(np.float32)
+    expected = call(ref, pixels)
+    del ref
+
+    ours = bb.build(str(tmp_path), SMALL)  # 02
+    assert_close(call(ours, bb.preprocess(pixels)), expected, rel=1e-5)
+    split = script("04")
+    extractor, tail = split.split_model(ours, split.split_layer_name(bb, ours))
+    model = split.classifier(tail, tail.input_shape[1:], "maps", 0.5, "m")
+    features = keras.Model(model.input, model.get_layer(helper.PREDICTION_LAYER).input)
+    assert_close(call(features, call(extractor, pixels)), expected, rel=1e-5)
+    del ours, extractor, tail, model, features
+
+    image = keras.Input((SMALL, SMALL, 3))
+    settings = helper.ExtractSettings(name, SMALL, weights=str(tmp_path))
+    branch, _ = script("08").branch(image, SMALL, settings, str(tmp_path))
+    assert_close(call(keras.Model(image, branch), pixels), expected, rel=1e-5)
     keras.backend.clear_session()

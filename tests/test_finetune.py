@@ -50,7 +50,7 @@ def test_cut_inside_a_block_is_refused():
 def classifier_on_tail(size=32):
     import keras
     keras.utils.set_random_seed(5)
-    full = helper.BACKBONES["ResNet50"].build("none", size, pooling=None)
+    full = helper.BACKBONES["ResNet50"].build("none", size)  # as 04 builds it: to the pooled features
     _, tail = script("04").split_model(full, "conv5_block2_out")
     model = script("04").classifier(tail, tail.input_shape[1:], "maps", 0.5, "ft")
     x = np.random.default_rng(1).normal(size=(16, *tail.input_shape[1:])).astype(np.float16)
@@ -162,11 +162,11 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
         assert f.attrs["complete"] and f.attrs["split_layer"] == "conv5_block2_out"
         assert f.attrs["dtype"] == "float16" and f.attrs["image_size"] == int(IMAGE_SIZE)
         maps = f["labelled"][:]
-    # The untouched tail + average pooling reproduces 02's ResNet50 features (same pipeline, same weights).
+    # The untouched tail (which ends in the pooling) reproduces 02's ResNet50 features (same pipeline, weights).
     keras.utils.set_random_seed(2018)
-    full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE), pooling=None)
+    full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE))
     _, tail = script("04").split_model(full, "conv5_block2_out")
-    pooled = tail.predict(maps.astype(np.float32), verbose=0).mean(axis=(1, 2))
+    pooled = tail.predict(maps.astype(np.float32), verbose=0)
     with h5py.File(pipeline["data"] / "features" / "ResNet50.h5", "r") as f:
         np.testing.assert_allclose(pooled, f["labelled"][:], rtol=2e-2, atol=2e-2 * np.abs(f["labelled"][:]).mean())
 
@@ -174,7 +174,7 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
 def test_baseline_init_starts_as_03s_head(pipeline, finetuned):
     import keras
     keras.utils.set_random_seed(2018)
-    full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE), pooling=None)
+    full = helper.BACKBONES["ResNet50"].build("none", int(IMAGE_SIZE))
     _, tail = script("04").split_model(full, "conv5_block2_out")
     model = script("04").classifier(tail, tail.input_shape[1:], "maps", 0.5, "a")
     settings = helper.ExtractSettings("ResNet50", int(IMAGE_SIZE), weights="none", split_layer="conv5_block2_out",
