@@ -53,7 +53,11 @@ def branches(model, meta: dict, model_path: Path) -> list[helper.ExtractSettings
         if st.jpeg_draft:
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded with --jpeg-draft (reduced-scale "
                               f"JPEG decoding), which a pixel model cannot reproduce: extract without it and retrain")
-        helper.get_backbone(st.backbone)
+        if isinstance(helper.get_backbone(st.backbone), helper.Encoder):
+            raise CatDogError(f"{model_path}: its {st.backbone} features come from a foundation encoder, and 08 does "
+                              f"not export encoder branches yet (their image converter resizes the photo itself, "
+                              f"which the S x S pixel input does not reproduce): use 07 on feature files, or export "
+                              f"a model of CNN features (docs/foundation-encoders.md)")
     for st in settings:
         if st.decoder != "pil":
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded by TensorFlow (02 --decoder "

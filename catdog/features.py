@@ -254,9 +254,10 @@ def make_extract_step(model, preprocess, strategy=None):
 
 
 def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path, settings: ExtractSettings,
-                    batch_size: int, strategy=None) -> int:
+                    batch_size: int, strategy=None, resize=None) -> int:
     """Run every train2 (labelled) and test2 image through `step` (see make_extract_step) into an HDF5 file of rows of
-    `shape`, batch by batch: memory stays flat, the file appears only once complete. Returns the image count."""
+    `shape`, batch by batch: memory stays flat, the file appears only once complete. Returns the image count.
+    `resize` (an encoder's image converter resize) replaces the stretch of the plain images."""
     import tensorflow as tf
 
     split, parts, ids = image_parts(data_dir)
@@ -270,7 +271,7 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
             for view, (part, paths) in itertools.product(range(settings.views), parts.items()):
                 ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
                                    settings.jpeg_draft, decoder=settings.decoder, params=params[part][view] if view
-                                   else None)
+                                   else None, resize=resize)
                 if strategy is not None and strategy.num_replicas_in_sync > 1:
                     ds = strategy.experimental_distribute_dataset(ds)
                 batches = iter(ds)
@@ -280,7 +281,8 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
                         x = next(batches)
                     except tf.errors.OpError as e:
                         chunk = paths[k * batch_size:(k + 1) * batch_size]
-                        bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
+                        bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder,
+                                               resize)
                         raise CatDogError(f"cannot decode {bad or 'an image in ' + ', '.join(chunk[:3])}: "
                                           f"rerun 01_reorganize_data.py, which skips broken files") from e
                     writer.append(part, step(x).numpy().astype(settings.dtype), view)
