@@ -98,6 +98,15 @@ class Encoder:
             return np.asarray(layer(np.asarray(img, np.uint8)), np.float32).reshape(image_size, image_size, 3)
         return resize
 
+    def pixels(self, path, image_size: int, exif: bool = False):
+        """One photo as the uint8 (size, size, 3) pixels this encoder's converter makes of it (its crop, filter
+        and, on uint8, Keras's rounding): what 08's export of an encoder head takes (predict.py, 08's check)."""
+        import numpy as np
+
+        from .images import load_pixels
+        x = self.resizer(image_size)(load_pixels(path, None, exif=exif))
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
     def preprocess(self, x):
         """The converter's scale and offset (after its resize): x / 255 - mean, / std."""
         import numpy as np

@@ -194,9 +194,11 @@ def find_undecodable(paths: Sequence[str], size: int, interpolation: str, decode
 
 
 
-def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", exif: bool = False) -> np.ndarray:
+def load_pixels(path: str | Path, size: int | None, interpolation: str = "bilinear", exif: bool = False
+                ) -> np.ndarray:
     """One photo of any size, mode (grayscale, 16-bit, CMYK, palette, alpha) or format Pillow reads, stretched
-    to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright."""
+    to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright.
+    `size` None keeps the photo's own size (what an encoder's resize takes: Encoder.pixels)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
@@ -204,7 +206,9 @@ def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", ex
                 im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits: convert("RGB") would clip it to white
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
-            return np.asarray(im.convert("RGB").resize((size, size), pil_filter(interpolation)), dtype=np.uint8)
+            im = im.convert("RGB")
+            return np.asarray(im if size is None else im.resize((size, size), pil_filter(interpolation)),
+                              dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 

@@ -4,11 +4,13 @@ encoder features merged with a CNN's through 05, 07 and 08. Tiny random encoders
 code path of the real ones; no network."""
 
 import dataclasses
+import importlib.util
+import json
 
 import h5py
 import numpy as np
 import pytest
-from conftest import run
+from conftest import ROOT, run
 
 import helper
 from helper import CatDogError
@@ -58,6 +60,13 @@ def reference(backbone, enc: helper.Encoder, converter, image: np.ndarray) -> np
         first_patch = 1 + int(enc.config.get("num_register_tokens", 0))
         return np.concatenate([tokens[:, 0], tokens[:, first_patch:].mean(1)], axis=-1)[0]
     return np.asarray(backbone.get_vision_embeddings(x))[0]
+
+
+def script_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -110,7 +119,7 @@ def test_registry_architectures_match_presets():
 
 
 @pytest.mark.slow
-def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch):
+def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch, capsys):
     """02 on preset folders saved here equals KerasHub's own pipeline to 1e-5 for each family; --weights none
     builds them; 05 merges a CNN's and two encoders' features; 07 submits; a missing preset or a failed (gated)
     download fails before any image is read."""
@@ -144,9 +153,27 @@ def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch):
     assert len(merged) == 1 and np.isfinite(merged.val_loss.iloc[0])
     sub = run("07", "--data-dir", data, "--model-dir", models, "--output", tmp_path / "sub.csv")
     assert len(sub) == len(helper.laid_out_test_ids(data)) and sub.label.between(0.005, 0.995).all()
-    # 08 refuses encoder branches clearly (not implemented), naming the reason.
-    with pytest.raises(CatDogError, match="foundation encoder.*does not export encoder branches"):
+    # 08: a CNN + encoder model needs two resizes of each photo: refused, naming them. A head on an encoder's
+    # features exports with the encoder and its converter inside, and agrees with 07 on the test images.
+    with pytest.raises(CatDogError, match="(?s)differently resized photos.*ResNet50: pillow.*TinyDINOv2: 32 px "
+                                          "bicubic centre crop"):
         run("08", "--data-dir", data, "--model-dir", models)
+    run("03", "--data-dir", data, "--model-dir", models, "--batch-size", 8, "--epochs", 2, "--models", "TinyDINOv2")
+    export = tmp_path / "export"
+    info = run("08", "--data-dir", data, "--model-dir", models, "--model", models / helper.SINGLE_DIR /
+               "TinyDINOv2.keras", "--out-dir", export, "--max-diff", 1e-4)
+    assert info["pixels"] == "encoder:TinyDINOv2" and info["max_diff_vs_features"] < 1e-4
+    assert (export / helper.EXPORT_TFLITE).is_file() != ("tflite_refused" in info)
+    predict = script_module("predict")
+    photo = helper.test_images(data)[1][0]
+    predict.main(predict.parse_args([str(photo), "--model", str(export / helper.EXPORT_KERAS), "--json"]))
+    p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["p_dog"]
+    pixels = helper.get_backbone("TinyDINOv2").pixels(photo, SIZE)
+    assert abs(p - float(helper.load_keras(export / helper.EXPORT_KERAS).predict(pixels[None], verbose=0)[0, 0])
+               ) < 1e-6
+    with pytest.raises(CatDogError, match="Grad-CAM is not made for foundation-encoder exports"):
+        predict.main(predict.parse_args([str(photo), "--model", str(export / helper.EXPORT_KERAS), "--cam",
+                                         str(tmp_path / "c")]))
 
     # Bad weights fail before any image is read.
     def no_images(*a, **k):
