@@ -92,7 +92,8 @@ class Encoder:
         import keras
         import numpy as np
         layer = keras.layers.Resizing(image_size, image_size, interpolation=self.interpolation,
-                                      crop_to_aspect_ratio=self.crop, antialias=self.antialias)
+                                      crop_to_aspect_ratio=self.crop, antialias=self.antialias,
+                                      dtype="float32")  # as the converter's, whatever --mixed-precision sets
 
         def resize(img: np.ndarray) -> np.ndarray:
             return np.asarray(layer(np.asarray(img, np.uint8)), np.float32).reshape(image_size, image_size, 3)

@@ -109,8 +109,9 @@ def test_registry_architectures_match_presets():
     include the text tower, so their vision towers are checked against vision_params (the published tower sizes:
     CLIP ViT-L 304M, SigLIP SO400M 428M, MetaCLIP 2 ViT-H 632M)."""
     for name, e in helper.ENCODERS.items():
-        counts = [dataclasses.replace(e, config={**e.config, "num_layers": n}).build("none").count_params()
-                  for n in (1, 2)]
+        nets = [dataclasses.replace(e, config={**e.config, "num_layers": n}).build("none") for n in (1, 2)]
+        assert nets[0].output.shape == (None, e.width) and nets[0].input.shape == (None, e.size, e.size, 3), name
+        counts = [net.count_params() for net in nets]
         total = counts[0] + (counts[1] - counts[0]) * (e.config["num_layers"] - 1)
         assert total == e.vision_params, name
         if e.family == "dinov2":
@@ -151,12 +152,21 @@ def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch, cap
     merged = run("05", "--data-dir", data, "--model-dir", models, "--batch-size", 8, "--epochs", 2,
                  "--models", "ResNet50", "TinyDINOv2", "TinySigLIP")
     assert len(merged) == 1 and np.isfinite(merged.val_loss.iloc[0])
+    dm = ["--data-dir", data, "--model-dir", models, "--batch-size", 8, "--epochs", 2]
+    run("05", *dm, "--models", "ResNet50", "TinyCLIP", "--folds", 3)  # K-fold heads on a CNN + encoder merge
+    run("03", *dm, "--models", "TinyMetaCLIP2", "--folds", 3)
+    search = run("06", *dm, "--max-evals", 1, "--models", "ResNet50", "TinyDINOv3")
+    assert np.isfinite(search.val_loss).all()
+    blend = run("07", "--data-dir", data, "--model-dir", models, "--output", tmp_path / "blend.csv", "--blend", "auto")
+    info = json.loads((tmp_path / "blend.json").read_text())
+    assert sorted(info["weights"]) == ["ResNet50+TinyCLIP_k3", "TinyMetaCLIP2_k3"]
+    assert len(blend) == len(helper.laid_out_test_ids(data))
     sub = run("07", "--data-dir", data, "--model-dir", models, "--output", tmp_path / "sub.csv")
     assert len(sub) == len(helper.laid_out_test_ids(data)) and sub.label.between(0.005, 0.995).all()
     # 08: a CNN + encoder model needs two resizes of each photo: refused, naming them. A head on an encoder's
     # features exports with the encoder and its converter inside, and agrees with 07 on the test images.
-    with pytest.raises(CatDogError, match="(?s)differently resized photos.*ResNet50: pillow.*TinyDINOv2: 32 px "
-                                          "bicubic centre crop"):
+    with pytest.raises(CatDogError, match="(?s)differently resized photos.*ResNet50: pillow.*TinyDINOv3: 32 px "
+                                          "bilinear antialiased squash"):
         run("08", "--data-dir", data, "--model-dir", models)
     run("03", "--data-dir", data, "--model-dir", models, "--batch-size", 8, "--epochs", 2, "--models", "TinyDINOv2")
     export = tmp_path / "export"
@@ -174,6 +184,15 @@ def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch, cap
     with pytest.raises(CatDogError, match="Grad-CAM is not made for foundation-encoder exports"):
         predict.main(predict.parse_args([str(photo), "--model", str(export / helper.EXPORT_KERAS), "--cam",
                                          str(tmp_path / "c")]))
+
+    # --mixed-precision: float16 compute, the same features to float16's precision.
+    with h5py.File(helper.feature_path(data, "TinySigLIP"), "r") as f:
+        plain = f["labelled"][:]
+    run("02", *d, "--models", "TinySigLIP", "--weights", tmp_path / "preset_TinySigLIP", "--mixed-precision")
+    with h5py.File(helper.feature_path(data, "TinySigLIP"), "r") as f:
+        assert f.attrs["mixed_precision"]
+        half = f["labelled"][:]
+    assert 0 < np.abs(half - plain).max() < 0.05
 
     # Bad weights fail before any image is read.
     def no_images(*a, **k):
