@@ -138,9 +138,10 @@ class Encoder:
     # ------------------------------------------------------------------ the network
 
     def build(self, weights: str = "imagenet", image_size: int | None = None, pooling: str | None = "avg",
-              input_tensor=None, resolved: str | None = None):
-        """images (size, size, 3), already preprocessed -> this encoder's feature (width,). `pooling` None gives
-        the token sequence (batch, tokens, hidden) before the feature is read: 08's Grad-CAM map."""
+              resolved: str | None = None):
+        """images (size, size, 3), already preprocessed -> this encoder's feature (width,); `pooling` None gives
+        the token sequence (batch, tokens, hidden) the feature is read from. `resolved`: where resolve_weights
+        found the weights (02 resolves them all before the first extraction)."""
         import keras
         import keras_hub
         size = image_size or self.size
@@ -171,7 +172,7 @@ class Encoder:
                                   f"are fixed): use --image-size {have[0]}")
             proj = getattr(backbone, "vision_projection", None) if self.feature == "embedding" else None
             post = getattr(backbone, "vision_post_layer_norm", None) if self.family == "metaclip_2" else None
-        x = input_tensor if input_tensor is not None else keras.Input((size, size, 3), name="images")
+        x = keras.Input((size, size, 3), name="images")
         inp = tower.input  # DINOv3 names its input pixel_values, the others images
         tokens = tower({k: x for k in inp} if isinstance(inp, dict) else x)
         if pooling is None:
