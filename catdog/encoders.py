@@ -157,15 +157,22 @@ class Encoder:
             post = keras.layers.LayerNormalization(epsilon=1e-5, name="vision_post_layer_norm") \
                 if self.family == "metaclip_2" else None
         else:
+            # The preset's config.json records its own dtype; the run's policy (float32, or --mixed-precision's
+            # mixed_float16) decides, as for the CNNs.
+            dtype = keras.config.dtype_policy().name
             try:
                 if vision_cls is None:  # DINO: the position embeddings interpolate (DINOv2) or rotate (v3)
-                    backbone = backbone_cls.from_preset(path, image_shape=(size, size, 3))
+                    backbone = backbone_cls.from_preset(path, image_shape=(size, size, 3), dtype=dtype)
                 else:
-                    backbone = backbone_cls.from_preset(path)
+                    backbone = backbone_cls.from_preset(path, dtype=dtype)
             except Exception as e:
                 raise CatDogError(f"could not load {self.name} from {path} ({type(e).__name__}: {e}): give a "
                                   f"folder saved by {backbone_cls.__name__}.save_to_preset") from e
             tower = backbone if vision_cls is None else backbone.vision_encoder
+            if tower.dtype_policy.name != dtype:  # a nested tower keeps the dtype its own config records
+                weights_of = tower.get_weights()
+                tower = vision_cls.from_config({**tower.get_config(), "dtype": dtype})
+                tower.set_weights(weights_of)
             have = tuple(tower.image_shape)[:2]
             if have != (size, size):
                 raise CatDogError(f"{self.name}'s preset {path} takes {have[0]} px images (its position embeddings "
