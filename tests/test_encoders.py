@@ -10,7 +10,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, script
 
 import helper
 from helper import CatDogError
@@ -173,7 +173,16 @@ def test_encoders_through_the_pipeline(tmp_path, tiny_registry, monkeypatch, cap
     info = run("08", "--data-dir", data, "--model-dir", models, "--model", models / helper.SINGLE_DIR /
                "TinyDINOv2.keras", "--out-dir", export, "--max-diff", 1e-4)
     assert info["pixels"] == "encoder:TinyDINOv2" and info["max_diff_vs_features"] < 1e-4
-    assert (export / helper.EXPORT_TFLITE).is_file() != ("tflite_refused" in info)
+    assert (export / helper.EXPORT_TFLITE).is_file() and "tflite_refused" not in info  # every tiny family converts
+    # Where the TFLite converter refuses an encoder, the export says why and has no .tflite.
+    def refuse(*a):
+        raise RuntimeError("op not supported: Erf")
+    monkeypatch.setattr(script("08"), "to_tflite", refuse)
+    refused = run("08", "--data-dir", data, "--model-dir", models, "--model", models / helper.SINGLE_DIR /
+                  "TinyDINOv2.keras", "--out-dir", tmp_path / "export2", "--check", 0)
+    assert refused["tflite_refused"] == "RuntimeError: op not supported: Erf"
+    assert not (tmp_path / "export2" / helper.EXPORT_TFLITE).exists()
+    assert json.loads((tmp_path / "export2" / helper.EXPORT_INFO).read_text())["tflite_refused"]
     predict = script_module("predict")
     photo = helper.test_images(data)[1][0]
     predict.main(predict.parse_args([str(photo), "--model", str(export / helper.EXPORT_KERAS), "--json"]))
