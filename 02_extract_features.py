@@ -1,4 +1,10 @@
-"""Step 2: GlobalAveragePool features of ImageNet CNNs for every labelled and test image.
+"""Step 2: GlobalAveragePool features of ImageNet CNNs (or foundation encoders' features) for every image.
+
+A foundation encoder from KerasHub (DINOv2L, DINOv2G, DINOv3L, CLIPL336, SigLIP2SO400M, MetaCLIP2H; see
+docs/foundation-encoders.md) gets its own image converter: its resize (filter, antialias, centre crop or squash)
+on the decoded image, then its scale and offset; --interpolation applies to the CNNs only. Its feature is the one
+its authors probe linearly (DINO: class token + mean patch token; CLIP, MetaCLIP: image embedding; SigLIP: the
+attention-pooled output). Augmented views of an encoder are made by Pillow with its converter's filter.
 
 For each backbone, data/features/<Model>.h5 holds `train` (split.csv order), `label`, `train_files`,
 `test` (ids ascending), `test_ids`, and the settings as attributes; `complete=True` is written last.
@@ -19,7 +25,9 @@ def parse_args(argv=None):
     p = helper.base_parser(__doc__.splitlines()[0], cnn=True)
     p.add_argument("--models", nargs="+", default=list(helper.REPORT_BACKBONES), choices=list(helper.BACKBONES),
                    metavar="MODEL", help=f"backbones to extract, from {', '.join(helper.BACKBONES)}")
-    p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=helper.POSITIVE_INT, default=None,
+                   help="images per batch (default: 64 for the CNNs; for each encoder the batch its registry entry "
+                        "gives, sized for a 16 GB GPU)")
     p.add_argument("--interpolation", default="bilinear", choices=helper.INTERPOLATIONS,
                    help="resize method (images are stretched to a square, as in the report); "
                         "'nearest' reproduces Keras 2's flow_from_directory")
@@ -41,9 +49,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def plan(args, precision: str) -> dict[str, helper.ExtractSettings]:
+def plan(args, precision: str, resolved: dict | None = None) -> dict[str, helper.ExtractSettings]:
     """Each requested backbone's settings, all checked before the first one starts (a size too small for the
-    last backbone must not surface after minutes of extracting the first)."""
+    last backbone must not surface after minutes of extracting the first); `resolved` receives where each one's
+    weights are (an encoder's pretrained preset is downloaded here)."""
+    resolved = {} if resolved is None else resolved
     if args.views > 1 and args.decoder != "pil":
         raise CatDogError("--views makes its augmented views with Pillow: use --decoder pil (the default)")
     settings = {}
@@ -53,15 +63,18 @@ def plan(args, precision: str) -> dict[str, helper.ExtractSettings]:
         if size < bb.min_size:
             raise CatDogError(f"{name} needs --image-size >= {bb.min_size}, got {size}: raise --image-size, or "
                               f"extract {name} in a run of its own at its native size")
-        helper.resolve_weights(args.weights, bb)  # a missing weights file, named now
-        settings[name] = helper.ExtractSettings(name, size, args.interpolation, args.decoder, args.jpeg_draft,
+        # A missing weights file, a failed or gated download: named now, before any image is read.
+        resolved[name] = helper.resolve_weights(args.weights, bb)
+        interpolation = bb.interpolation if isinstance(bb, helper.Encoder) else args.interpolation
+        settings[name] = helper.ExtractSettings(name, size, interpolation, args.decoder, args.jpeg_draft,
                                                 args.weights, args.seed, precision, views=args.views,
                                                 views_dtype=args.views_dtype if args.views > 1 else "")
     return settings
 
 
 def main(args):
-    settings = plan(args, helper.resolve_precision(args.precision))
+    resolved = {}
+    settings = plan(args, helper.resolve_precision(args.precision), resolved)
     split = helper.read_split(args.data_dir)
     test_ids = helper.laid_out_test_ids(args.data_dir)
     import keras
@@ -78,13 +91,17 @@ def main(args):
             continue
         log.info(f"{name}: {reason}; extracting at {s.image_size} px in {s.precision}")
         helper.set_seed(args.seed)  # makes --weights none reproducible (and 04's network the same)
+        encoder = isinstance(bb, helper.Encoder)
         # Per backbone: clear_session() below resets Keras's dtype policy too.
         with helper.precision_policy(s.precision):
             with strategy.scope():
-                model = bb.build(args.weights, s.image_size)
+                model = (bb.build(args.weights, s.image_size, resolved=resolved[name]) if encoder
+                         else bb.build(args.weights, s.image_size))
             start = time.perf_counter()
             step = helper.make_extract_step(model, bb.preprocess, strategy)
-            n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, s, args.batch_size, strategy)
+            batch = args.batch_size or (bb.batch_size if encoder else 64)
+            n = helper.extract_to_file(step, (bb.width,), args.data_dir, path, s, batch, strategy,
+                                       resize=bb.resizer(s.image_size) if encoder else None)
         secs = time.perf_counter() - start
         rows.append({"backbone": name, "images": n, "seconds": round(secs, 1),
                      "images_per_s": round(n / secs, 1), "MB": round(path.stat().st_size / 2**20, 1)})

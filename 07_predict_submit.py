@@ -390,6 +390,9 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
                  f"08_export_model.py --data-dir {q(str(data_dir))} --model-dir {q(str(model_dir))} --model "
                  f"{q(str(model_path))}, then --analyze again)")
         return
+    if str(info.get("pixels", "")).startswith("encoder:"):
+        log.info("no Grad-CAM overlays: the model reads foundation-encoder features (ViTs have no convolutional map)")
+        return
     model = helper.load_keras(export / helper.EXPORT_KERAS)
     names = [b["backbone"] for b in info["backbones"]]
     for r in worst.itertuples():

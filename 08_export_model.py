@@ -8,6 +8,11 @@ backbone (the weights of its features: ImageNet, or the same seeded random netwo
 Keras's pooling (global average pooling; ConvNeXt's LayerNorm after it); then the head (`logit`, `p_dog`).
 predict.py stretches any photo to S x S with Pillow, as 02 did, so with S equal to the backbone size the exported
 model sees exactly 02's pixels.
+A head on foundation-encoder features (02 --models DINOv2L ...) exports the same way: its input is the photo as
+the encoder's image converter crops and resizes it (predict.py makes it so), then the converter's scale and
+offset, the encoder and its feature; a model mixing CNN and encoder branches is refused (one input cannot be
+both resizes), and where the TFLite converter refuses an encoder the export has no catdog.tflite and export.json
+says why (tflite_refused).
 Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
 """
 
@@ -57,11 +62,20 @@ def branches(model, meta: dict, model_path: Path, precision: str = "float32") ->
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded with --jpeg-draft (reduced-scale "
                               f"JPEG decoding), which a pixel model cannot reproduce: extract without it and retrain")
         bb = helper.get_backbone(st.backbone)
-        if st.pooling != bb.pooling:
+        if not isinstance(bb, helper.Encoder) and st.pooling != bb.pooling:
             raise CatDogError(f"{model_path}: its {st.backbone} features were pooled as an earlier release did "
                               f"({st.pooling}), not as Keras pools {st.backbone} ({bb.pooling}), which the export "
                               f"rebuilds: rerun the step that made them (02_extract_features.py, or "
                               f"04_finetune_split.py for its maps: they are recomputed) and retrain the model")
+    encoders = [st for st in settings if isinstance(helper.get_backbone(st.backbone), helper.Encoder)]
+    if encoders:
+        resize = {resize_of(st) for st in settings}
+        if len(encoders) != len(settings) or len(resize) > 1:
+            raise CatDogError(f"{model_path}: its branches need differently resized photos ("
+                              + ", ".join(f"{st.backbone}: {resize_of(st)}" for st in settings)
+                              + "): a foundation encoder's image converter crops and resizes the photo itself, and "
+                                "one exported input cannot be both; export a model of CNN features, or of encoders "
+                                "with the same converter and size")
     for st in settings:
         if st.decoder != "pil":
             raise CatDogError(f"{model_path}: its {st.backbone} features were decoded by TensorFlow (02 --decoder "
@@ -75,6 +89,16 @@ def branches(model, meta: dict, model_path: Path, precision: str = "float32") ->
         raise CatDogError(f"{model_path}: its backbones' features were resized with different methods "
                           f"({', '.join(st.interpolation for st in settings)}); one exported input cannot match both")
     return settings
+
+
+def resize_of(st: helper.ExtractSettings) -> str:
+    """How a branch's photos are resized: Pillow's stretch, or an encoder's converter ('encoder:<name>' of its
+    size, filter, antialias and crop)."""
+    bb = helper.get_backbone(st.backbone)
+    if not isinstance(bb, helper.Encoder):
+        return "pillow"
+    return f"{st.image_size} px {bb.interpolation}{' antialiased' if bb.antialias else ''} " \
+           f"{'centre crop' if bb.crop else 'squash'}"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -142,6 +166,10 @@ def branch(image, size_in: int, st: helper.ExtractSettings, weights: str):
     x = image if size_in == st.image_size else resize(image, size_in, st.image_size, st.interpolation, bb.name)
     x = preprocess(x, bb, bb.name)
     helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
+    if isinstance(bb, helper.Encoder):  # the encoder and its feature as one nested model (KerasHub's own layers)
+        import keras
+        net = bb.build(weights, st.image_size)
+        return keras.layers.Identity(name=f"{bb.name}_{helper.POOL_LAYER}")(net(x)), net
     net = bb.build(weights, st.image_size, input_tensor=x, pool_name=f"{bb.name}_{helper.POOL_LAYER}")
     return net.output, net
 
@@ -208,6 +236,14 @@ def compared(meta: dict, data_dir: Path, n: int) -> bool:
     return bool(n) and meta["kind"] != "finetune_full" and (data_dir / helper.SPLIT_CSV).is_file()
 
 
+def photo_pixels(path, size: int, interpolation: str, meta: dict) -> np.ndarray:
+    """A test image as the export's input: Pillow's stretch, or the encoders' converter resize."""
+    bb = helper.get_backbone(helper.ExtractSettings.of(meta["feature_attrs"][0]).backbone)
+    if isinstance(bb, helper.Encoder):
+        return bb.pixels(path, size)
+    return helper.load_pixels(path, size, interpolation)
+
+
 def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir: Path, size: int,
                            interpolation: str, n: int) -> tuple[float, int] | None:
     """The largest |P(dog)| difference between the pixel model and 07's predictions (helper.predict_saved) on
@@ -222,7 +258,7 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
         return None
     _, paths = helper.test_images(data_dir)
     n = min(n, len(paths))
-    got = pixels.predict(np.stack([helper.load_pixels(p, size, interpolation) for p in paths[:n]]), verbose=0)
+    got = pixels.predict(np.stack([photo_pixels(p, size, interpolation, meta) for p in paths[:n]]), verbose=0)
     return float(np.abs(got.ravel() - probs["test"][:n]).max()), n
 
 
@@ -253,11 +289,13 @@ def check_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None) -> None:
+def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None,
+                 tflite_optional: bool = False) -> None:
     """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
     an interrupted or failed export never leaves a new model beside an old export.json. Only a new folder, an empty
     one or a previous export is replaced (check_out_dir). `float32`: the float32 twin of a bfloat16 or float16
-    `pixels`, which the TFLite file is converted from."""
+    `pixels`, which the TFLite file is converted from. With `tflite_optional` (encoders), a TFLite conversion that
+    fails is left out and its reason recorded in export.json."""
     out_dir = check_out_dir(out_dir)
     helper.remove_stale_temps(out_dir.parent, f".{out_dir.name}.*")  # a killed export's folders (GBs)
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
@@ -269,7 +307,14 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None)
         if float32 is not None and float32 is not pixels:
             source = tmp / "float32_saved_model"
             float32.export(str(source), verbose=False)
-        (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(source, quantize))
+        try:
+            (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(source, quantize))
+        except Exception as e:  # the converter raises ConverterError and others
+            if not tflite_optional:
+                raise
+            info["tflite_refused"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(f"no {helper.EXPORT_TFLITE}: the TFLite converter refused the encoder "
+                        f"({info['tflite_refused']})")
         if source.name != helper.EXPORT_SAVED_MODEL:
             shutil.rmtree(source)
         helper.write_json(info, tmp / helper.EXPORT_INFO)
@@ -317,11 +362,16 @@ def main(args):
             "quantize": args.quantize, "precision": precision, "max_diff_vs_features": diff,
             "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
-    write_export(pixels, out_dir, args.quantize, info, float32)
-    sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
+    encoder = resize_of(settings[0]) != "pillow"
+    info["pixels"] = f"encoder:{settings[0].backbone}" if encoder else "pillow"  # how predict.py makes the input
+    write_export(pixels, out_dir, args.quantize, info, float32, tflite_optional=encoder)
+    sizes = {f: (out_dir / f).stat().st_size / 2**20 if (out_dir / f).is_file() else 0.0
+             for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
     log.info(f"wrote {out_dir}/: {helper.EXPORT_KERAS} ({sizes[helper.EXPORT_KERAS]:.1f} MiB), "
-             f"{helper.EXPORT_SAVED_MODEL}/, {helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "
-             f"{args.quantize}), {helper.EXPORT_INFO}; input {size}x{size} RGB uint8")
+             f"{helper.EXPORT_SAVED_MODEL}/, " + (f"{helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "
+             f"{args.quantize}), " if "tflite_refused" not in info else "") + f"{helper.EXPORT_INFO}; input "
+             f"{size}x{size} RGB uint8" + (f" (the photo as {settings[0].backbone}'s converter resizes it)"
+                                           if encoder else ""))
     return info
 
 

@@ -7,7 +7,8 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/data.py       Kaggle names and name lists, split.csv, the test ids, the split and the folds
   catdog/demo.py       the generated demo data (01 --demo)
   catdog/images.py     decoders, resizing, augmented views, the tf.data pipeline, photos as pixels
-  catdog/backbones.py  the backbone registry
+  catdog/encoders.py   KerasHub's foundation encoders (DINOv2/v3, CLIP, SigLIP 2, MetaCLIP 2) as backbones
+  catdog/backbones.py  the backbone registry (keras.applications CNNs, and the encoders)
   catdog/precision.py  the compute precision (--precision): auto from CPU flags and GPUs, the Keras policy
   catdog/features.py   extraction settings, the HDF5 feature cache, Features
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
@@ -47,6 +48,9 @@ from catdog.demo import (
 from catdog.images import (
     PIL_FILTERS, INTERPOLATIONS, DECODERS, pil_filter, to_rgb, VIEW_PARAMS, view_params, load_resized, image_dataset,
     find_undecodable, load_pixels
+)
+from catdog.encoders import (
+    Encoder, ENCODERS
 )
 from catdog.backbones import (
     Backbone, REPORT_BACKBONES, BACKBONES, get_backbone, resolve_weights
@@ -108,6 +112,8 @@ __all__ = [
     # images
     "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "to_rgb", "VIEW_PARAMS", "view_params", "load_resized",
     "image_dataset", "find_undecodable", "load_pixels",
+    # encoders
+    "Encoder", "ENCODERS",
     # backbones
     "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
     # precision

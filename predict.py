@@ -51,6 +51,8 @@ class Classifier:
         try:
             self.info = json.loads(info_path.read_text())
             self.size, self.interpolation = int(self.info["input_size"]), self.info["interpolation"]
+            self.encoder = str(self.info.get("pixels", "pillow")).removeprefix("encoder:") \
+                if str(self.info.get("pixels", "")).startswith("encoder:") else None
             self.clip = tuple(self.info["clip"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CatDogError(f"{info_path} is missing or not 08's export.json ({e}): rerun 08_export_model.py") from e
@@ -103,6 +105,10 @@ def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float,
 
 def main(args) -> int:
     classifier = Classifier(Path(args.model), args.precision)
+    if args.cam and classifier.encoder:
+        raise CatDogError(f"--cam: Grad-CAM is not made for foundation-encoder exports ({classifier.encoder}): a "
+                          f"ViT has no convolutional map, and the class-token features of CLIP and MetaCLIP get no "
+                          f"gradient from the last layer's patch tokens; leave --cam out")
     if args.cam:
         helper.check_writable_target(Path(args.cam) / "x.png")
     failed, done, total_ms, cam_names = 0, 0, 0.0, set()
@@ -110,7 +116,9 @@ def main(args) -> int:
         row = {"file": path, "label": None, "p_dog": None, "ms": None, "error": None}
         try:
             # Upright as the phone shows it (EXIF), stretched as 02 did.
-            pixels = helper.load_pixels(path, classifier.size, classifier.interpolation, exif=True)
+            pixels = (helper.get_backbone(classifier.encoder).pixels(path, classifier.size, exif=True)
+                      if classifier.encoder else helper.load_pixels(path, classifier.size, classifier.interpolation,
+                                                                    exif=True))
         except CatDogError as e:
             failed += 1
             row["error"] = str(e)

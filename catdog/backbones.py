@@ -1,5 +1,6 @@
 """The backbone registry: each pretrained CNN's constructor, native size, feature width, preprocessing, weights
-file and the layer where split-block fine-tuning cuts it.
+file and the layer where split-block fine-tuning cuts it; BACKBONES also holds KerasHub's foundation encoders
+(encoders.py), so every step takes them by name.
 
 Used by: 02 (extraction), 04 (fine-tuning), 07 and 08 (feeding and rebuilding models), the heads' --models choices.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import POOL_LAYER, CatDogError
+from .encoders import ENCODERS, Encoder
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
              _APPS + "nasnet/NASNet-large-no-top.h5"),
     Backbone("ResNet152V2", "resnet_v2", "ResNet152V2", 224, 32, 2048, "resnet152v2" + _NOTOP, "conv5_block2_out",
              _APPS + "resnet/resnet152v2" + _NOTOP),
-]}
+]} | ENCODERS
 
 
-def get_backbone(name: str) -> Backbone:
+def get_backbone(name: str) -> Backbone | Encoder:
     """Registry lookup with a helpful error."""
     if name not in BACKBONES:
         import difflib
@@ -157,8 +159,11 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-def resolve_weights(spec: str, backbone: Backbone) -> str | None:
-    """'imagenet' -> 'imagenet', 'none' -> None, a folder or .h5 file -> the weights file path."""
+def resolve_weights(spec: str, backbone: Backbone | Encoder) -> str | None:
+    """'imagenet' -> 'imagenet', 'none' -> None, a folder or .h5 file -> the weights file path; for an encoder,
+    its preset folder (pretrained: downloaded now)."""
+    if isinstance(backbone, Encoder):
+        return backbone.resolve_weights(spec)
     if spec == "imagenet":
         return "imagenet"
     if spec.lower() == "none":

@@ -70,7 +70,9 @@ def base_parser(description: str, cnn: bool = False) -> argparse.ArgumentParser:
     if cnn:
         p.add_argument("--weights", default="imagenet",
                        help="'imagenet' (downloaded to ~/.keras/models), 'none' (random init, for tests "
-                            "and the demo), or a folder holding Keras *_notop.h5 files")
+                            "and the demo), or a folder holding Keras *_notop.h5 files; for the foundation "
+                            "encoders 'imagenet' means pretrained (their KerasHub preset, downloaded into the "
+                            "kagglehub cache, KAGGLEHUB_CACHE) and a folder is a KerasHub preset folder")
         p.add_argument("--image-size", type=number(int, 32), default=None,
                        help="square input size for every backbone (default: each backbone's native size)")
     return p

@@ -276,15 +276,16 @@ def make_extract_step(model, preprocess, strategy=None):
     return distributed_step
 
 
-def undecodable_message(chunk: Sequence[str], settings: ExtractSettings) -> str:
+def undecodable_message(chunk: Sequence[str], settings: ExtractSettings, resize=None) -> str:
     """What is wrong with the image of `chunk` the pipeline could not decode, and what to do. 01 keeps what Pillow
     reads, so advising a rerun of 01 helps only with a file Pillow cannot read either (changed since 01, or 01
     not run); one only TensorFlow's decoder fails on (an animated GIF) needs another decoder or a conversion."""
-    bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder)
+    bad = find_undecodable(chunk, settings.image_size, settings.interpolation, settings.decoder, resize)
     if bad is None:
         return (f"cannot decode an image in {', '.join(chunk[:3])}: rerun 01_reorganize_data.py, which skips "
                 f"broken files")
-    if settings.decoder != "pil" and find_undecodable([bad], settings.image_size, settings.interpolation) is None:
+    if settings.decoder != "pil" and find_undecodable([bad], settings.image_size, settings.interpolation,
+                                                      resize=resize) is None:
         return (f"cannot decode {bad} with --decoder {settings.decoder} (TensorFlow's decoder reads JPEG, PNG, "
                 f"BMP and single-frame GIF; this file is something else, such as an animated GIF), though Pillow "
                 f"reads it, so 01 keeps it: extract with --decoder pil (the default), or convert the file to a "
@@ -293,9 +294,10 @@ def undecodable_message(chunk: Sequence[str], settings: ExtractSettings) -> str:
 
 
 def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path: Path, settings: ExtractSettings,
-                    batch_size: int, strategy=None) -> int:
+                    batch_size: int, strategy=None, resize=None) -> int:
     """Run every train2 (labelled) and test2 image through `step` (see make_extract_step) into an HDF5 file of rows of
-    `shape`, batch by batch: memory stays flat, the file appears only once complete. Returns the image count."""
+    `shape`, batch by batch: memory stays flat, the file appears only once complete. Returns the image count.
+    `resize` (an encoder's image converter resize) replaces the stretch of the plain images."""
     import tensorflow as tf
 
     split, parts, ids = image_parts(data_dir)
@@ -309,7 +311,7 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
             for view, (part, paths) in itertools.product(range(settings.views), parts.items()):
                 ds = image_dataset(paths, settings.image_size, batch_size, settings.interpolation,
                                    settings.jpeg_draft, decoder=settings.decoder, params=params[part][view] if view
-                                   else None)
+                                   else None, resize=resize)
                 if strategy is not None and strategy.num_replicas_in_sync > 1:
                     ds = strategy.experimental_distribute_dataset(ds)
                 batches = iter(ds)
@@ -319,7 +321,7 @@ def extract_to_file(step, shape: tuple[int, ...], data_dir: str | Path, out_path
                         x = next(batches)
                     except tf.errors.OpError as e:
                         chunk = paths[k * batch_size:(k + 1) * batch_size]
-                        raise CatDogError(undecodable_message(chunk, settings)) from e
+                        raise CatDogError(undecodable_message(chunk, settings, resize)) from e
                     writer.append(part, step(x).numpy().astype(settings.dtype), view)
             writer.commit()  # HDF5 flushes its chunk cache here: a full disk can surface now too
     except OSError as e:  # h5py's write errors carry the errno in their text only

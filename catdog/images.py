@@ -92,7 +92,16 @@ def _pil_view(path: str, size: int, interpolation: str, jpeg_draft: bool, params
     return x if brightness == 1 else np.clip(x * brightness, 0, 255)
 
 
-def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
+def _pil_decoded(path: str, size: int, jpeg_draft: bool) -> np.ndarray:
+    """Pillow's decode of one image at its own size, uint8 RGB (h, w, 3): what an encoder's resize takes."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if jpeg_draft:
+            im.draft("RGB", (size, size))
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool, resize=None):
     """Decode JPEG/PNG bytes to RGB and stretch to size x size (no crop, as the report does). With `jpeg_draft`,
     a JPEG at least twice the size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling."""
     import tensorflow as tf
@@ -111,16 +120,19 @@ def _decode_resized(data, size: int, interpolation: str, jpeg_draft: bool):
         return tf.switch_case(index, branches)
 
     img = tf.cond(tf.io.is_jpeg(data), draft, full) if jpeg_draft else full()
+    if resize is not None:
+        return tf.ensure_shape(tf.numpy_function(resize, [img], tf.float32, stateful=False), (size, size, 3))
     img = tf.image.resize(img, (size, size), method=interpolation, antialias=interpolation != "nearest")
     # 'nearest' keeps uint8, which the Inception family's preprocess (x /= 127.5) rejects.
     return tf.ensure_shape(tf.cast(img, tf.float32), (size, size, 3))
 
 
 def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: bool = False, decoder: str = "pil",
-                 params=None):
+                 params=None, resize=None):
     """One image file (a string tensor) -> float32 RGB (size, size, 3) in [0, 255], stretched (no crop): by Pillow
     (the report's decoder) through tf.numpy_function, or by decoder 'tf' all in the TensorFlow graph. `params`
-    (a row of view_params) makes it that view of the image (Pillow only)."""
+    (a row of view_params) makes it that view of the image (Pillow only). `resize` (an encoder's: decoded uint8 numpy
+    image -> size x size float32) replaces the stretch of the plain image: decoded at its own size, then resized so."""
     import tensorflow as tf
     if params is not None:
         if decoder != "pil":
@@ -130,9 +142,13 @@ def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: b
             [path, params], tf.float32, stateful=False)
         return tf.ensure_shape(img, (size, size, 3))
     if decoder == "tf":
-        return _decode_resized(tf.io.read_file(path), size, interpolation, jpeg_draft)
+        return _decode_resized(tf.io.read_file(path), size, interpolation, jpeg_draft, resize)
     if decoder != "pil":
         raise CatDogError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
+    if resize is not None:
+        img = tf.numpy_function(lambda p: resize(_pil_decoded(os.fsdecode(np.asarray(p).item()), size, jpeg_draft)),
+                                [path], tf.float32, stateful=False)
+        return tf.ensure_shape(img, (size, size, 3))
     # The path arrives as bytes in a graph, as a 0-d object array when called eagerly.
     img = tf.numpy_function(lambda p: _pil_resized(os.fsdecode(np.asarray(p).item()), size, interpolation, jpeg_draft),
                             [path], tf.float32, stateful=False)
@@ -141,16 +157,17 @@ def load_resized(path, size: int, interpolation: str = "bilinear", jpeg_draft: b
 
 def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolation: str = "bilinear",
                   jpeg_draft: bool = False, labels: Sequence[float] | None = None, shuffle_seed: int | None = None,
-                  augment=None, preprocess=None, decoder: str = "pil", params: np.ndarray | None = None):
+                  augment=None, preprocess=None, decoder: str = "pil", params: np.ndarray | None = None,
+                  resize=None):
     """tf.data pipeline: parallel read + decode + resize, batched and prefetched, float32 in [0, 255], in `paths`
     order unless `shuffle_seed` (a new seeded order each epoch); (images, labels) with `labels`. `augment`
     (training only) and then `preprocess` are applied to each batch. `params` (view_params of `paths`) gives each
-    image's view instead of the image itself."""
+    image's view instead of the image itself; `resize` (an encoder's) replaces the stretch of the plain images."""
     import tensorflow as tf
 
     def load(p, *rest):  # rest: the view's params, then the label; or the label; or nothing
         view = rest[0] if params is not None else None
-        x = load_resized(p, size, interpolation, jpeg_draft, decoder, view)
+        x = load_resized(p, size, interpolation, jpeg_draft, decoder, view, resize)
         label = rest[1:] if params is not None else rest
         return (x, *label) if label else x
 
@@ -172,28 +189,33 @@ def image_dataset(paths: Sequence[str], size: int, batch_size: int, interpolatio
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def find_undecodable(paths: Sequence[str], size: int, interpolation: str, decoder: str = "pil") -> str | None:
+def find_undecodable(paths: Sequence[str], size: int, interpolation: str, decoder: str = "pil",
+                     resize=None) -> str | None:
     """The first of `paths` the pipeline cannot decode, to name it in an error."""
     import tensorflow as tf
 
     for p in paths:
         try:
-            load_resized(tf.constant(p), size, interpolation, False, decoder)
+            load_resized(tf.constant(p), size, interpolation, False, decoder, resize=resize)
         except (tf.errors.OpError, ValueError, OSError):
             return p
     return None
 
 
 
-def load_pixels(path: str | Path, size: int, interpolation: str = "bilinear", exif: bool = False) -> np.ndarray:
+def load_pixels(path: str | Path, size: int | None, interpolation: str = "bilinear", exif: bool = False
+                ) -> np.ndarray:
     """One photo of any size, mode (grayscale, 16-bit, CMYK, palette, alpha) or format Pillow reads, stretched
-    to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright."""
+    to size x size RGB uint8 as 02 did: what an exported model (08) takes. `exif` turns phone photos upright.
+    `size` None keeps the photo's own size (what an encoder's resize takes: Encoder.pixels)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
             if exif:
                 im = ImageOps.exif_transpose(im)
-            return np.asarray(to_rgb(im).resize((size, size), pil_filter(interpolation)), dtype=np.uint8)
+            im = to_rgb(im)
+            return np.asarray(im if size is None else im.resize((size, size), pil_filter(interpolation)),
+                              dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CatDogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
