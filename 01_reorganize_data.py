@@ -5,6 +5,8 @@ data/train, data/test (or train.zip, test.zip) are read, never changed. Output:
   data/splitted/{train,valid}/{cat,dog}/ the seeded, stratified split (augmentation, fine-tuning)
   data/test2/test/                       the test images
   data/split.csv                         filename,label,subset,source: the one split every step uses
+  data/duplicates.csv                    group,file,part,label,pixels: exact and near-duplicate images (see
+                                         catdog/duplicates.py); the split keeps each group on one side
   data/eda/                              image-size statistics and plots
 Entries are symbolic links unless --copy. A rerun with the same settings changes nothing.
 --extra-data DIR adds the Oxford-IIIT Pet images to the training rows (never to valid), beside Kaggle's split.
@@ -34,7 +36,8 @@ CHECK_CACHE = "file_check.csv"
 # Every row holds every number (0 where it does not apply), so the cache reads back with the types it was
 # written with and its keys match a fresh stat().
 CHECK_COLUMNS = {"folder": str, "name": str, "bytes": "int64", "mtime_ns": "int64", "width": "int64",
-                 "height": "int64", "format": str, "mode": str, "problem": str, "note": str}
+                 "height": "int64", "format": str, "mode": str, "problem": str, "note": str,
+                 "pixels": str, "phash": str, "colour": str}  # the last three: helper.image_hashes
 # Filled in before a row becomes a table: a missing number would turn its column into floats, which round
 # nanosecond mtimes and so miss the cache on every run.
 NO_FACTS = {column: "" if kind is str else 0 for column, kind in CHECK_COLUMNS.items()}
@@ -60,6 +63,9 @@ def parse_args(argv=None):
                    help=f"also train on the Oxford-IIIT Pet images (images.tar.gz of {EXTRA_URL}): DIR is the "
                         "unpacked dataset or its images/ folder; they join the train subset only, never valid")
     p.add_argument("--copy", action="store_true", help="copy files instead of symbolic links")
+    p.add_argument("--no-group-duplicates", dest="group_duplicates", action="store_false",
+                   help="split at random row by row, as before duplicates were found: an image and its duplicate "
+                        "(data/duplicates.csv) may then land in train and valid (and in two --folds)")
     p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
                    help="first generate a demo dataset of N images per class")
     p.add_argument("--workers", type=helper.POSITIVE_INT, default=8, help="threads that check images")
@@ -92,7 +98,8 @@ def check_image(path: str | Path) -> dict:
     """
     from PIL import Image, UnidentifiedImageError
 
-    info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": ""}
+    info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": "", "pixels": "", "phash": "",
+            "colour": ""}
     path = Path(path)
     if path.stat().st_size == 0:
         info["problem"] = "empty file (0 bytes)"
@@ -101,6 +108,8 @@ def check_image(path: str | Path) -> dict:
         with Image.open(path) as im:
             info.update(width=im.width, height=im.height, format=im.format or "", mode=im.mode)
             im.load()
+            if info["format"] in DECODABLE:  # hashed in the decode the check makes anyway: duplicates cost little
+                info.update(helper.image_hashes(im))
     except UnidentifiedImageError:
         info["problem"] = "not an image (no known image format)"
     except (OSError, SyntaxError, ValueError) as e:
@@ -299,8 +308,12 @@ def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int, key: st
         if hit is not None:
             return hit
         if parse(entry.name) is None:
-            return {**row, "problem": f"name does not match {NAME_PATTERNS[key]}"}
-        return {**row, **check_image(entry.path)}
+            return {**row, "problem": helper.test_name_problem(entry.name) if key == "test"
+                    else f"name does not match {NAME_PATTERNS[key]}"}
+        info = check_image(entry.path)
+        if key == "test" and not info["problem"] and entry.name != f"{parse(entry.name)}.jpg":
+            info["note"] = ", ".join(filter(None, [f"not Kaggle's name for test id {parse(entry.name)}", info["note"]]))
+        return {**row, **info}
 
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         rows = list(tqdm(pool.map(check, entries), total=len(entries), desc=f"checking {key}/",
@@ -355,13 +368,16 @@ def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path], exc
     return train_ok, test_ok, extra_ok, excluded
 
 
-def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataFrame:
-    """filename, label, subset in label then numeric id order; refuses a split with an empty part."""
+def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int, groups: pd.DataFrame | None = None
+               ) -> pd.DataFrame:
+    """filename, label, subset in label then numeric id order, each duplicate group of `groups` on one side;
+    refuses a split with an empty part."""
     parsed = [helper.parse_train_name(n) for n in train_ok.name]
     order = sorted(range(len(parsed)), key=lambda i: parsed[i])
     split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
                           "label": [parsed[i][0] for i in order]})
-    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed), "valid", "train")
+    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed,
+                                                       helper.group_ids(split.filename, groups)), "valid", "train")
     counts = split.groupby(["subset", "label"]).size()
     parts = {(s, lab): int(counts.get((s, lab), 0)) for s in ("train", "valid") for lab in range(len(CLASSES))}
     if min(parts.values()) == 0:
@@ -479,6 +495,18 @@ def write_eda(data: Path, checks: pd.DataFrame) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def find_duplicates(data: Path, train_ok: pd.DataFrame, extra_ok: pd.DataFrame, test_ok: pd.DataFrame
+                    ) -> pd.DataFrame:
+    """The duplicate groups among the images used (from the hashes of the checks), saved by save_groups."""
+    labels = {"train": [helper.parse_train_name(n)[0] for n in train_ok.name],
+              EXTRA: [parse_extra_name(n)[0] for n in extra_ok.name], "test": [-1] * len(test_ok)}
+    rows = pd.concat([helper.hash_rows(df, part, labels[part])
+                      for part, df in (("train", train_ok), (EXTRA, extra_ok), ("test", test_ok))], ignore_index=True)
+    groups = helper.find_groups(rows)
+    log.info(helper.save_groups(data, groups))
+    return groups
+
+
 def report_problems(checks: pd.DataFrame) -> None:
     for r in checks[checks.problem != ""].itertuples():
         log.warning(f"skipped {r.folder}/{r.name}: {r.problem}")
@@ -511,7 +539,9 @@ def main(args):
 
     train_ok, test_ok, extra_ok, excluded = usable_images(checks, folders, args.exclude)
     # Kaggle's rows are split exactly as without --extra-data; the extra ones only add training rows.
-    split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed), extra_ok)
+    groups = find_duplicates(data, train_ok, extra_ok, test_ok)
+    split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed,
+                                      groups if args.group_duplicates else None), extra_ok)
     test_names = sorted(test_ok.name, key=helper.parse_test_name)
     is_extra = (split.source == EXTRA).to_numpy()
     extra_meta = None
@@ -519,8 +549,12 @@ def main(args):
         extra_meta = {"dir": str(folders[EXTRA].resolve()), "source": EXTRA,
                       **{cls: int((split.label[is_extra] == lab).sum()) for lab, cls in enumerate(CLASSES)}}
 
+    unusable = checks["test"][checks["test"].problem != ""]
     meta = {"seed": args.seed, "valid_frac": args.valid_frac, "copy": args.copy, "excluded": sorted(excluded),
-            "extra_data": extra_meta,
+            "extra_data": extra_meta, "group_duplicates": args.group_duplicates,
+            # every entry of test/ seen and not used: 07 still owes Kaggle a row for each that has an id
+            "test_unusable": [[n, helper.test_entry_id(n), why]
+                              for n, why in zip(unusable.name, unusable.problem, strict=True)],
             "split_sha256": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
     meta_path, split_path = data / helper.SPLIT_META, data / helper.SPLIT_CSV
@@ -552,7 +586,12 @@ def main(args):
                  + (" (with the extra images)" if subset == "train" and is_extra.any() else ""))
     log.info(f"test: {len(test_names)} used, {n_bad['test']} skipped; split seed {args.seed}, "
              f"valid fraction {args.valid_frac}")
-    return {"split": split, "test_names": test_names, "checks": checks, "excluded": excluded}
+    if len(unusable):  # last, apart from the progress lines: a submission without them is rejected by Kaggle
+        shown = ", ".join(unusable.name[:100]) + (f" and {len(unusable) - 100} more" if len(unusable) > 100 else "")
+        log.warning(f"{len(unusable)} test entries of {folders['test']}/ could not be used (why: the 'skipped' "
+                    f"lines above; all in {meta_path}): {shown}. Kaggle wants a row for every test id: 07 refuses a "
+                    f"submission without them unless --fill-unreadable P; better fix or replace them and rerun 01")
+    return {"split": split, "test_names": test_names, "checks": checks, "excluded": excluded, "groups": groups}
 
 
 if __name__ == "__main__":

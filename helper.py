@@ -5,6 +5,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/cli.py        the command line: flag types, shared flags, run_cli (the only module that sees argparse)
   catdog/files.py      atomic writes, temp names and their cleanup, sha256, JSON state
   catdog/data.py       Kaggle names, split.csv, the test ids, the split and the folds
+  catdog/duplicates.py exact and near-duplicate images, their groups (split, folds, 07 --known-labels)
   catdog/demo.py       the generated demo data (01 --demo)
   catdog/images.py     decoders, resizing, augmented views, the tf.data pipeline, photos as pixels
   catdog/backbones.py  the backbone registry
@@ -22,9 +23,11 @@ imported inside the functions that need them, so the data step (01) and `-h` sta
 
 
 from catdog.common import (
-    CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, TRAIN2, SPLITTED, TEST2, FEATURES, SINGLE_DIR,
+    CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, DUPLICATES_CSV, DUPLICATE_SUSPECTS, TRAIN2,
+    SPLITTED, TEST2, FEATURES, SINGLE_DIR,
     FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, LOGS_DIR, ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV,
-    KFOLD_SUMMARY, OOF_CSV, TEST_CSV, EXPORT_DIR, EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO,
+    KFOLD_SUMMARY, OOF_CSV, TEST_CSV, TEST_FOLDS_CSV, EXPORT_DIR, EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE,
+    EXPORT_INFO,
     SIDECAR_KINDS, FINETUNE_FULL, PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE,
     PREDICT_BATCH, versions, progress, set_seed
 )
@@ -36,8 +39,13 @@ from catdog.files import (
     temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps
 )
 from catdog.data import (
-    parse_train_name, parse_test_name, SPLIT_COLUMNS, SOURCES, read_split, train_image_paths, test_images,
-    laid_out_test_ids, split_fingerprint, stratified_split, fold_assignment, kaggle_rows
+    parse_train_name, parse_test_name, TEST_ID_MAX, test_entry_id, test_name_problem, SPLIT_COLUMNS, SOURCES,
+    read_split, train_image_paths, test_images, laid_out_test_ids, unusable_test_entries, split_fingerprint,
+    stratified_split, fold_assignment, kaggle_rows
+)
+from catdog.duplicates import (
+    DUPLICATE_COLUMNS, NEAR_BITS, NEAR_COLOUR, image_hashes, near_pairs, find_groups, duplicate_summary,
+    read_duplicates, group_ids, known_test_labels, hash_rows, suspect_lines, save_groups
 )
 from catdog.demo import (
     DEMO_MARKER, make_demo_dataset
@@ -77,9 +85,11 @@ from catdog.plots import (
 
 __all__ = [
     # common
-    "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "TRAIN2", "SPLITTED", "TEST2",
+    "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "DUPLICATES_CSV",
+    "DUPLICATE_SUSPECTS", "TRAIN2", "SPLITTED", "TEST2",
     "FEATURES", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR", "LOGS_DIR", "ANALYSIS_DIR", "BLEND_DIR",
-    "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "EXPORT_DIR", "EXPORT_KERAS",
+    "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "TEST_FOLDS_CSV", "EXPORT_DIR",
+    "EXPORT_KERAS",
     "EXPORT_SAVED_MODEL", "EXPORT_TFLITE", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL", "PREDICTION_LAYER",
     "POOL_LAYER", "CLIP", "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions", "progress",
     "set_seed",
@@ -90,8 +100,12 @@ __all__ = [
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
     "remove_stale_temps",
     # data
-    "parse_train_name", "parse_test_name", "SPLIT_COLUMNS", "SOURCES", "read_split", "train_image_paths",
-    "test_images", "laid_out_test_ids", "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
+    "parse_train_name", "parse_test_name", "TEST_ID_MAX", "test_entry_id", "test_name_problem", "SPLIT_COLUMNS",
+    "SOURCES", "read_split", "train_image_paths", "test_images", "laid_out_test_ids", "unusable_test_entries",
+    "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
+    # duplicates
+    "DUPLICATE_COLUMNS", "NEAR_BITS", "NEAR_COLOUR", "image_hashes", "near_pairs", "find_groups", "duplicate_summary",
+    "read_duplicates", "group_ids", "known_test_labels", "hash_rows", "suspect_lines", "save_groups",
     # demo
     "DEMO_MARKER", "make_demo_dataset",
     # images
