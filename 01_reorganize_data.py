@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help=f"also train on the Oxford-IIIT Pet images (images.tar.gz of {EXTRA_URL}): DIR is the "
                         "unpacked dataset or its images/ folder; they join the train subset only, never valid")
     p.add_argument("--copy", action="store_true", help="copy files instead of symbolic links")
-    p.add_argument("--no-group-duplicates", dest="group_duplicates", action="store_false",
+    p.add_argument("--no-group-duplicates", action="store_true",
                    help="split at random row by row, as before duplicates were found: an image and its duplicate "
                         "(data/duplicates.csv) may then land in train and valid (and in two --folds)")
     p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
@@ -541,7 +541,7 @@ def main(args):
     # Kaggle's rows are split exactly as without --extra-data; the extra ones only add training rows.
     groups = find_duplicates(data, train_ok, extra_ok, test_ok)
     split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed,
-                                      groups if args.group_duplicates else None), extra_ok)
+                                      groups if not args.no_group_duplicates else None), extra_ok)
     test_names = sorted(test_ok.name, key=helper.parse_test_name)
     is_extra = (split.source == EXTRA).to_numpy()
     extra_meta = None
@@ -551,7 +551,7 @@ def main(args):
 
     unusable = checks["test"][checks["test"].problem != ""]
     meta = {"seed": args.seed, "valid_frac": args.valid_frac, "copy": args.copy, "excluded": sorted(excluded),
-            "extra_data": extra_meta, "group_duplicates": args.group_duplicates,
+            "extra_data": extra_meta, "group_duplicates": not args.no_group_duplicates,
             # every entry of test/ seen and not used: 07 still owes Kaggle a row for each that has an id
             "test_unusable": [[n, helper.test_entry_id(n), why]
                               for n, why in zip(unusable.name, unusable.problem, strict=True)],

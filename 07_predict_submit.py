@@ -8,6 +8,9 @@ MESSAGE then uploads the checked submission to Kaggle (needs API credentials, ch
 Beyond the report: --tta averages feature views (02 --views); --blend, --calibrate temperature and --clip auto
 fit weights, a temperature and the clip bound on out-of-fold (else valid) predictions, write <output stem>.json,
 and with --analyze the suspects list model/analysis/suspects.txt.
+Every test entry 01 saw needs a row (Kaggle rejects a submission without one): one 01 could not use is refused,
+unless --fill-unreadable P. --known-labels submits the training label of a test image with exactly the pixels of a
+labelled one (data/duplicates.csv). Both are recorded in <output stem>.json.
 """
 
 import dataclasses
@@ -55,6 +58,13 @@ def parse_args(argv=None):
                    help="also rank labelled images by |label - prediction| into model/analysis/ (with Grad-CAM "
                         "overlays of the worst when model/export/ holds 08's export of this model)")
     p.add_argument("--top", type=helper.POSITIVE_INT, default=20, help="images in the --analyze grid")
+    p.add_argument("--known-labels", action="store_true",
+                   help="predict the training label (clipped) of a test image whose decoded pixels equal those of a "
+                        "labelled image (01's data/duplicates.csv; never a near duplicate); off by default: whether "
+                        "that fits the competition's rules is your call")
+    p.add_argument("--fill-unreadable", type=helper.PROBABILITY, nargs="?", const=0.5, metavar="P",
+                   help="write P (default 0.5) for the test entries 01 saw but could not use (by default such a "
+                        "submission is refused: Kaggle rejects one without every test id)")
     p.add_argument("--kaggle-submit", metavar="MESSAGE",
                    help=f"then upload the checked submission to Kaggle's {helper.KAGGLE_COMPETITION} with this "
                         "description (needs Kaggle API credentials)")
@@ -396,6 +406,57 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
     log.info(f"wrote {len(worst)} Grad-CAM overlays of the worst images to {out_dir}/")
 
 
+def known_labels(data_dir: Path, test_ids: np.ndarray) -> dict[int, int]:
+    """--known-labels: test id -> the label of the labelled images (split.csv's) with exactly its pixels."""
+    groups = helper.read_duplicates(data_dir)
+    if groups is None:
+        raise CatDogError(f"--known-labels: no {data_dir / helper.DUPLICATES_CSV}: rerun 01_reorganize_data.py, "
+                          f"which finds the duplicates")
+    split = helper.read_split(data_dir)
+    known, conflicts = helper.known_test_labels(groups, dict(zip(split.filename, split.label, strict=True)))
+    for name in conflicts:
+        log.warning(f"--known-labels: test {name} equals labelled images of both classes: predicted by the model")
+    ids = {helper.parse_test_name(n): label for n, label in known.items()}
+    return {i: label for i, label in ids.items() if i in set(test_ids.tolist())}
+
+
+def submit(args, data_dir: Path, output: Path, ids: np.ndarray, probs: np.ndarray, clip, info: dict | None = None
+           ) -> pd.DataFrame:
+    """Write the submission of `ids` (the laid-out test images): --known-labels first, then a row for each test
+    entry 01 saw but could not use (--fill-unreadable P; refused without it), checked against every entry 01 saw;
+    and <output stem>.json with `info` (the recipe) and what the two options did."""
+    ids, probs, info = np.asarray(ids, np.int64), np.asarray(probs, float).copy(), dict(info or {})
+    if args.known_labels:
+        known = known_labels(data_dir, ids)
+        at = {int(i): k for k, i in enumerate(ids)}
+        for i, label in known.items():
+            probs[at[i]] = label
+        log.info(f"--known-labels: {len(known)} test images are exact copies of labelled ones: their training "
+                 f"label is submitted (clipped to {clip})")
+        info["known_labels"] = {"count": len(known), "ids": sorted(known)}
+    unusable = helper.unusable_test_entries(data_dir)
+    missing = {i: (n, why) for n, i, why in unusable if i is not None and i not in set(ids.tolist())}
+    for n, _, why in (e for e in unusable if e[1] is None):
+        log.warning(f"test entry {n} (01: {why}) stands for no test id: no row is written for it")
+    if missing and args.fill_unreadable is None:
+        shown = "; ".join(f"{n} ({why})" for n, why in list(missing.values())[:20])
+        raise CatDogError(f"submission refused: {len(missing)} test entries 01 saw have no prediction, and Kaggle "
+                          f"rejects a submission without every test id: {shown}{' ...' if len(missing) > 20 else ''}."
+                          f" Fix or replace them and rerun 01 and 02, or pass --fill-unreadable P to submit P for them")
+    if missing:
+        log.warning(f"--fill-unreadable: {len(missing)} test entries 01 could not use get {args.fill_unreadable}: "
+                    + ", ".join(n for n, _ in missing.values()))
+        info["filled"] = {"value": args.fill_unreadable, "ids": sorted(missing)}
+        ids = np.concatenate([ids, np.fromiter(missing, np.int64)])
+        probs = np.concatenate([probs, np.full(len(missing), args.fill_unreadable)])
+    expected = np.union1d(helper.laid_out_test_ids(data_dir), np.fromiter(missing, np.int64))
+    sub = helper.write_submission(ids, probs, output, expected, clip,
+                                  against="every test entry 01 saw" if unusable else "the test images on disk")
+    if info:
+        helper.write_json({**info, "args": vars(args)}, output.with_suffix(".json"))
+    return sub
+
+
 def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> pd.DataFrame:
     """--blend, --calibrate and --clip auto: fit the recipe on the candidates' honest predictions, report each
     stage's cross-fitted log loss, write the submission and <output stem>.json (and model/blend/results.csv)."""
@@ -448,13 +509,12 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
     if args.blend:
         helper.write_csv(table, model_dir / helper.BLEND_DIR / helper.RESULTS_CSV)
     test = recipe.stages(np.column_stack([c.test for c in cands]))["calibrated"]
-    sub = helper.write_submission(test_ids, test, output, test_ids, recipe.clip)
     info = {"models": [str(c.source) for c in cands], "weights": dict(zip([c.name for c in cands],
                                                                           map(float, recipe.weights), strict=True)),
             "temperature": recipe.temperature, "clip": list(recipe.clip),
             "oof_log_loss": log_loss(y, crossed["clipped"]), "fitted_log_loss": log_loss(y, fitted["clipped"]),
-            "judged_on": judged, "rows": len(rows), "args": vars(args)}
-    helper.write_json(info, output.with_suffix(".json"))
+            "judged_on": judged, "rows": len(rows)}
+    sub = submit(args, data_dir, output, test_ids, test, recipe.clip, info)
     log.info(f"wrote {output.with_suffix('.json')}: weights {info['weights']}, temperature {recipe.temperature:.4f}, "
              f"clip {recipe.clip}, {judged} log loss {info['oof_log_loss']:.5f} (cross-fitted)")
     if args.analyze:
@@ -469,6 +529,9 @@ def submit_on_evidence(args, output: Path, data_dir: Path, model_dir: Path) -> p
 
 def main(args):
     output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
+    if (args.known_labels or args.fill_unreadable is not None) and output.suffix == ".json":
+        raise CatDogError(f"--output {output}: its record {output.with_suffix('.json')} would be the submission "
+                          f"itself: give the submission a .csv name")
     if args.analyze:  # --analyze writes under --model-dir even with --model: refuse a file there before any work,
         helper.check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
     # Credentials first: without them no work is done.
@@ -494,7 +557,7 @@ def main(args):
             probs = {part: tta_mean(probs[f"{part}_views"], args.tta_mean) for part in parts}
             log.info(f"--tta: {args.tta_mean} mean over {len(plain['test_views'])} views")
         clip = (args.clip_low, args.clip_high)
-        sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(data_dir), clip)
+        sub = submit(args, data_dir, output, feats.test_ids, probs["test"], clip)
         if args.analyze:
             table = labelled_table(feats, probs["labelled"])
             worst = analyze(table, data_dir, out_dir, args.top, clip, plain["labelled"] if args.tta else None)

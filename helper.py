@@ -11,6 +11,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/backbones.py  the backbone registry
   catdog/features.py   extraction settings, the HDF5 feature cache, Features
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
+  catdog/pseudo.py     pseudo-labels of an earlier round's test predictions (03/05 --pseudo), K-fold honest
   catdog/heads.py      head configs, building, fitting, saving and K-fold training of heads, results tables
   catdog/models.py     saved models and sidecars, predictions of saved models, submissions
   catdog/kaggle_api.py Kaggle credentials and API calls
@@ -45,7 +46,7 @@ from catdog.data import (
 )
 from catdog.duplicates import (
     DUPLICATE_COLUMNS, NEAR_BITS, NEAR_COLOUR, image_hashes, near_pairs, find_groups, duplicate_summary,
-    read_duplicates, group_ids, known_test_labels, hash_rows, suspect_lines, save_groups
+    read_duplicates, group_ids, known_test_labels, hash_rows, suspect_lines, save_groups, fold_groups
 )
 from catdog.demo import (
     DEMO_MARKER, make_demo_dataset
@@ -68,6 +69,9 @@ from catdog.epochs import (
 from catdog.heads import (
     HeadConfig, Output, make_optimizer, build_head, view_sampler, tensorboard, fit, save_run, train_head,
     kfold_name, train_kfold, write_results
+)
+from catdog.pseudo import (
+    fold_fingerprint, Pseudo, load_pseudo, pseudo_for
 )
 from catdog.models import (
     save_model, SIDECAR_KEYS, load_model, read_sidecar, load_keras, check_trained_on, predict_images, predict_saved,
@@ -106,6 +110,7 @@ __all__ = [
     # duplicates
     "DUPLICATE_COLUMNS", "NEAR_BITS", "NEAR_COLOUR", "image_hashes", "near_pairs", "find_groups", "duplicate_summary",
     "read_duplicates", "group_ids", "known_test_labels", "hash_rows", "suspect_lines", "save_groups",
+    "fold_groups",
     # demo
     "DEMO_MARKER", "make_demo_dataset",
     # images
@@ -123,6 +128,8 @@ __all__ = [
     # heads
     "HeadConfig", "Output", "make_optimizer", "build_head", "view_sampler", "tensorboard", "fit", "save_run",
     "train_head", "kfold_name", "train_kfold", "write_results",
+    # pseudo
+    "fold_fingerprint", "Pseudo", "load_pseudo", "pseudo_for",
     # models
     "save_model", "SIDECAR_KEYS", "load_model", "read_sidecar", "load_keras", "check_trained_on", "predict_images",
     "predict_saved", "check_model_dir", "pick_model", "log_loss", "validate_submission", "write_submission",

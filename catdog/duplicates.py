@@ -203,3 +203,15 @@ def save_groups(data_dir: str | Path, groups: pd.DataFrame) -> str:
     return (f"duplicates: {s['groups']} groups of {s['images']} images in {path}, {s['cross']} across train and "
             f"test, {s['mixed']} holding a cat and a dog" + (f" (listed in {suspects}: review them)" if s["mixed"]
                                                               else ""))
+
+
+def fold_groups(data_dir: str | Path, enabled: bool = True) -> np.ndarray | None:
+    """03/05 --folds' duplicate groups of split.csv's rows: those of data/duplicates.csv when 01 grouped its split
+    (split.json's group_duplicates: the folds follow 01's choice) and `enabled` (not --no-group-duplicates)."""
+    from .common import SPLIT_META
+    from .data import read_split
+    from .files import read_json
+    meta = read_json(Path(data_dir) / SPLIT_META) or {}
+    if not enabled or not meta.get("group_duplicates"):
+        return None
+    return group_ids(read_split(data_dir).filename, read_duplicates(data_dir))
