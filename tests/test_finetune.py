@@ -155,9 +155,9 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
     split = pipeline["split"]
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
         assert f["labelled"].dtype == np.float16 and f["labelled"].shape == (len(split), 3, 3, 2048)
-        assert f["test"].shape == (15, 3, 3, 2048)
+        assert f["test"].shape == (16, 3, 3, 2048)
         assert f["labelled_files"][:].astype(str).tolist() == split.filename.tolist()
-        assert f["test_ids"][:].tolist() == list(range(1, 16))
+        assert f["test_ids"][:].tolist() == list(range(1, 17))
         assert f.attrs["complete"] and f.attrs["split_layer"] == "conv5_block2_out"
         assert f.attrs["dtype"] == "float16" and f.attrs["image_size"] == int(IMAGE_SIZE)
         maps = f["labelled"][:]
@@ -264,7 +264,7 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
     assert not frozen  # only the last block (and the head) trained
     sub = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "sub.csv")
-    assert len(sub) == 15 and sub.label.between(*helper.CLIP).all()
+    assert len(sub) == 16 and sub.label.between(*helper.CLIP).all()
     # --tta: the mean of each image's and its mirror's predictions, computed here directly.
     tta = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "tta.csv", "--tta")

@@ -155,7 +155,7 @@ def test_submission_is_valid_and_beats_chance(pipeline):
 
 def test_analysis_outputs(pipeline):
     worst = pd.read_csv(pipeline["model"] / "analysis" / "worst.csv")
-    assert len(worst) == 60 and worst.error.is_monotonic_decreasing
+    assert len(worst) == 61 and worst.error.is_monotonic_decreasing
     assert np.allclose(worst.error, (worst.label - worst.prediction).abs())
     assert (pipeline["model"] / "analysis" / "worst.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -183,7 +183,7 @@ def test_predict_with_explicit_model_and_bad_input(pipeline, tmp_path):
     run("07", *d, "--model", pipeline["model"] / "single" / "ResNet50.keras", "--output", out, "--clip-low", 0.01,
         "--clip-high", 0.99)
     sub = pd.read_csv(out)
-    assert sub.label.between(0.01, 0.99).all() and len(sub) == 15
+    assert sub.label.between(0.01, 0.99).all() and len(sub) == 16
     with pytest.raises(CatDogError, match="not found"):
         run("07", *d, "--model", tmp_path / "nope.keras", "--output", out)
 
