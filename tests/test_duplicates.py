@@ -92,10 +92,12 @@ def test_near_pairs_are_every_pair_within_the_threshold():
         h[k] = base[k - 150]
         for b in flips[k][:k % 13]:
             h[k] ^= np.uint64(1) << np.uint64(b)
-    colour = ["808080"] * 300
-    got = {tuple(p) for p in helper.near_pairs([f"{int(x):016x}" for x in h], colour, chunk=64).tolist()}
-    want = {(i, j) for i in range(300) for j in range(i + 1, 300) if bin(int(h[i]) ^ int(h[j])).count("1") <= 10}
-    assert got == want and len(want) > 100
+    rgb = rng.integers(100, 112, (300, 3))  # close colours: many pairs within 3 levels, many not
+    colour = [bytes(v.astype(np.uint8).tolist()).hex() for v in rgb]
+    got = {tuple(p) for p in helper.near_pairs([f"{int(x):016x}" for x in h], colour, chunk=16).tolist()}
+    want = {(i, j) for i in range(300) for j in range(i + 1, 300) if bin(int(h[i]) ^ int(h[j])).count("1") <= 10
+            and np.abs(rgb[i] - rgb[j]).max() <= 3}
+    assert got == want and len(want) > 10
 
 
 # ----------------------------------------------------------------------------- split and folds
