@@ -66,12 +66,12 @@ from catdog.features import (
 from catdog.epochs import (
     fit_arrays
 )
+from catdog.pseudo import (
+    fold_fingerprint, Pseudo, load_pseudo, pseudo_for
+)
 from catdog.heads import (
     HeadConfig, Output, make_optimizer, build_head, view_sampler, tensorboard, fit, save_run, train_head,
     kfold_name, train_kfold, write_results
-)
-from catdog.pseudo import (
-    fold_fingerprint, Pseudo, load_pseudo, pseudo_for
 )
 from catdog.models import (
     save_model, SIDECAR_KEYS, load_model, read_sidecar, load_keras, check_trained_on, predict_images, predict_saved,
@@ -125,11 +125,11 @@ __all__ = [
     "model_inputs",
     # epochs
     "fit_arrays",
+    # pseudo
+    "fold_fingerprint", "Pseudo", "load_pseudo", "pseudo_for",
     # heads
     "HeadConfig", "Output", "make_optimizer", "build_head", "view_sampler", "tensorboard", "fit", "save_run",
     "train_head", "kfold_name", "train_kfold", "write_results",
-    # pseudo
-    "fold_fingerprint", "Pseudo", "load_pseudo", "pseudo_for",
     # models
     "save_model", "SIDECAR_KEYS", "load_model", "read_sidecar", "load_keras", "check_trained_on", "predict_images",
     "predict_saved", "check_model_dir", "pick_model", "log_loss", "validate_submission", "write_submission",

@@ -168,18 +168,18 @@ def test_group_ids():
 
 def test_01_finds_the_demos_duplicates_keeps_them_together_and_reruns_for_free(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="catdog")
-    out = run("01", "--data-dir", tmp_path, "--demo", 6)
+    out = run("01", "--data-dir", tmp_path, "--demo", 25)  # from 25 per class the demo holds two duplicates
     dups = pd.read_csv(tmp_path / helper.DUPLICATES_CSV, keep_default_na=False)
-    assert sorted(sorted(g.file) for _, g in dups.groupby("group")) == [["4.jpg", "cat.5.jpg"],
-                                                                         ["dog.5.jpg", "dog.6.jpg"]]
+    assert sorted(sorted(g.file) for _, g in dups.groupby("group")) == [["13.jpg", "cat.24.jpg"],
+                                                                         ["dog.24.jpg", "dog.25.jpg"]]
     assert "duplicates: 2 groups of 4 images" in caplog.text and "1 across train and test" in caplog.text
     split = out["split"].set_index("filename")
-    assert split.subset["dog.5.jpg"] == split.subset["dog.6.jpg"]
+    assert split.subset["dog.24.jpg"] == split.subset["dog.25.jpg"]
     meta = json.loads((tmp_path / helper.SPLIT_META).read_text())
     assert meta["group_duplicates"] is True and meta["test_unusable"] == []
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.csv")}
     monkeypatch.setattr(script("01"), "check_image", lambda p: pytest.fail(f"{p} decoded again"))
-    run("01", "--data-dir", tmp_path, "--demo", 6)
+    run("01", "--data-dir", tmp_path, "--demo", 25)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.csv")} == before
 
 
