@@ -229,7 +229,7 @@ print(json.dumps(m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0).rave
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
     fresh = np.array(json.loads(out.strip().splitlines()[-1]))
     sub = run("07", *finetuned["args"], "--model", path, "--output", tmp_path / "sub.csv")
-    helper.validate_submission(pd.read_csv(tmp_path / "sub.csv"), range(1, 16), helper.CLIP)
+    helper.validate_submission(pd.read_csv(tmp_path / "sub.csv"), range(1, 17), helper.CLIP)
     np.testing.assert_allclose(sub.label, np.clip(fresh, *helper.CLIP), atol=1e-5)
     # The saved weights are the best epoch's (early stopping restored them): 07's val log loss shows it.
     model, _ = helper.load_model(path)
@@ -343,7 +343,7 @@ def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monke
     sequences = list(seen.values())
     assert len(sequences) == 3  # a fresh batch source per variant
     assert sequences[0] == sequences[1] == sequences[2]
-    assert set(sequences[0]) == {(e, k) for e in (0, 1) for k in range(3)}  # 48 train rows, batch 16
+    assert set(sequences[0]) == {(e, k) for e in (0, 1) for k in range(4)}  # 49 train rows, batch 16
     assert sequences[0][0, 0] != sequences[0][1, 0]  # a new order each epoch
 
 
