@@ -5,6 +5,8 @@ data/train, data/test (or train.zip, test.zip) are read, never changed. Output:
   data/splitted/{train,valid}/{cat,dog}/ the seeded, stratified split (augmentation, fine-tuning)
   data/test2/test/                       the test images
   data/split.csv                         filename,label,subset,source: the one split every step uses
+  data/duplicates.csv                    group,file,part,label,pixels: exact and near-duplicate images (see
+                                         catdog/duplicates.py); the split keeps each group on one side
   data/eda/                              image-size statistics and plots
 Entries are symbolic links unless --copy. A rerun with the same settings changes nothing.
 --extra-data DIR adds the Oxford-IIIT Pet images to the training rows (never to valid), beside Kaggle's split.
@@ -23,7 +25,6 @@ import shutil
 import zipfile
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +33,6 @@ import pandas as pd
 import helper
 from helper import CLASSES, CatDogError, log
 
-CHECK_CACHE = "file_check.csv"
-# Every row holds every number (0 where it does not apply), so the cache reads back with the types it was
-# written with and its keys match a fresh stat().
-CHECK_COLUMNS = {"folder": str, "name": str, "bytes": "int64", "mtime_ns": "int64", "width": "int64",
-                 "height": "int64", "format": str, "mode": str, "problem": str, "note": str}
-# Filled in before a row becomes a table: a missing number would turn its column into floats, which round
-# nanosecond mtimes and so miss the cache on every run.
-NO_FACTS = {column: "" if kind is str else 0 for column, kind in CHECK_COLUMNS.items()}
 DERIVED = (helper.TRAIN2, helper.SPLITTED, str(helper.TEST2.parent))
 EXTRA = "oxford-pets"  # split.csv's source, and the folder key in the check cache, of --extra-data's images
 EXTRA_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
@@ -62,6 +55,9 @@ def parse_args(argv=None):
                    help=f"also train on the Oxford-IIIT Pet images (images.tar.gz of {EXTRA_URL}): DIR is the "
                         "unpacked dataset or its images/ folder; they join the train subset only, never valid")
     p.add_argument("--copy", action="store_true", help="copy files instead of symbolic links")
+    p.add_argument("--no-group-duplicates", action="store_true",
+                   help="split at random row by row, as before duplicates were found: an image and its duplicate "
+                        "(data/duplicates.csv) may then land in train and valid (and in two --folds)")
     p.add_argument("--demo", type=helper.number(int, 2), metavar="N",
                    help="first generate a demo dataset of N images per class")
     p.add_argument("--workers", type=helper.POSITIVE_INT, default=8, help="threads that check images")
@@ -75,50 +71,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- image checks, names, split
-
-DECODABLE = ("JPEG", "PNG", "GIF")  # what tf.io.decode_jpeg reads
-
-
-def check_image(path: str | Path) -> dict:
-    """Header size, format and mode of an image, and `problem` (empty when usable).
-
-    The size comes from the header; the full decode is what catches truncated files.
-    Grayscale, CMYK and PNG content are usable: the pipeline converts them to RGB.
-    Whatever goes wrong with one image is that image's problem: it is skipped by name, never a traceback.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    info = {"width": 0, "height": 0, "format": "", "mode": "", "problem": "", "note": ""}
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            info["problem"] = "empty file (0 bytes)"
-            return info
-        with Image.open(path) as im:
-            info.update(width=im.width, height=im.height, format=im.format or "", mode=im.mode)
-            im.load()
-    except UnidentifiedImageError:
-        info["problem"] = "not an image (no known image format)"
-    # Neither is an OSError; the warning is an error under `python -W error`.
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        info["problem"] = f"too many pixels to decode safely, a possible decompression bomb ({e})"
-    except PermissionError as e:
-        info["problem"] = f"unreadable ({e.strerror})"
-    except (OSError, SyntaxError, ValueError) as e:
-        info["problem"] = f"corrupt or truncated image ({e})"
-    except Exception as e:  # a Pillow plugin's own (struct.error, IndexError, MemoryError...)
-        info["problem"] = f"cannot be decoded ({type(e).__name__}: {e})"
-    if not info["problem"] and info["format"] not in DECODABLE:
-        info["problem"] = f"{info['format']} content: the pipeline decodes only JPEG, PNG and GIF"
-    if not info["problem"]:
-        notes = []
-        if info["format"] != "JPEG":
-            notes.append(f"{info['format']} content in a .jpg file")
-        if info["mode"] != "RGB":
-            notes.append(f"mode {info['mode']}")
-        info["note"] = ", ".join(notes) + (", decoded as RGB" if notes else "")
-    return info
-
 
 def parse_extra_name(name: str) -> tuple[int, str, int] | None:
     """`Abyssinian_12.jpg` -> (0, 'Abyssinian', 12), `yorkshire_terrier_5.jpg` -> (1, 'yorkshire_terrier', 5);
@@ -204,57 +156,6 @@ def extract(archive: Path, into: Path) -> None:
         raise
 
 
-def read_check_cache(path: Path) -> pd.DataFrame:
-    """The checks of an earlier run; empty when there are none or the file is not one this step wrote."""
-    empty = pd.DataFrame(columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
-    if not path.is_file():
-        return empty
-    try:
-        cache = pd.read_csv(path, dtype=CHECK_COLUMNS, keep_default_na=False)  # an image may be named NA
-    except ValueError:  # empty, garbled, not UTF-8, or text where a number belongs
-        cache = None
-    if cache is None or list(cache.columns) != list(CHECK_COLUMNS):
-        log.warning(f"{path} is not a check cache written by this step: checking every image again")
-        return empty
-    return cache
-
-
-def check_folder(folder: Path, parse, cache: pd.DataFrame, workers: int, key: str | None = None) -> pd.DataFrame:
-    """One row per entry of `folder`: name, size on disk, image header facts and the problem, if any.
-
-    Images whose size and mtime match the cache are not decoded again, so reruns are quick. `key` (default:
-    the folder's name) files them in the cache and names them in messages.
-    """
-    key = key or folder.name
-    cached = {(r.name, r.bytes, r.mtime_ns): r._asdict()
-              for r in cache[cache.folder == key].itertuples(index=False)}
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as e:
-        raise CatDogError(f"cannot list {folder}/ ({e.strerror}): check that it is a readable folder") from e
-
-    def check(entry) -> dict:
-        row = {**NO_FACTS, "folder": key, "name": entry.name}
-        try:
-            if not entry.is_file():
-                return {**row, "problem": "not a regular file"}
-            st = entry.stat()
-        except OSError as e:  # a symbolic link loop, or a link to itself
-            return {**row, "problem": f"unreadable ({e.strerror})"}
-        row.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
-        hit = cached.get((entry.name, st.st_size, st.st_mtime_ns))
-        if hit is not None:
-            return hit
-        if parse(entry.name) is None:
-            return {**row, "problem": f"name does not match {NAME_PATTERNS[key]}"}
-        return {**row, **check_image(entry.path)}
-
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        rows = list(helper.progress(pool.map(check, entries), f"checking {key}/", unit="img", total=len(entries),
-                                    disable=len(entries) < 500, leave=True))
-    return pd.DataFrame(rows, columns=list(CHECK_COLUMNS)).astype(CHECK_COLUMNS)
-
-
 def holds(path: Path, df: pd.DataFrame) -> bool:
     """True when `path` is exactly the CSV that helper.write_csv would write for `df`."""
     return path.is_file() and path.read_bytes() == df.to_csv(index=False).encode()
@@ -315,13 +216,16 @@ def usable_images(checks: dict[str, pd.DataFrame], folders: dict[str, Path], exc
     return train_ok, test_ok, extra_ok, excluded
 
 
-def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int) -> pd.DataFrame:
-    """filename, label, subset in label then numeric id order; refuses a split with an empty part."""
+def make_split(train_ok: pd.DataFrame, valid_frac: float, seed: int, groups: pd.DataFrame | None = None
+               ) -> pd.DataFrame:
+    """filename, label, subset in label then numeric id order, each duplicate group of `groups` on one side;
+    refuses a split with an empty part."""
     parsed = [helper.parse_train_name(n) for n in train_ok.name]
     order = sorted(range(len(parsed)), key=lambda i: parsed[i])
     split = pd.DataFrame({"filename": train_ok.name.to_numpy()[order],
                           "label": [parsed[i][0] for i in order]})
-    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed), "valid", "train")
+    split["subset"] = np.where(helper.stratified_split(split.label, valid_frac, seed,
+                                                       helper.group_ids(split.filename, groups)), "valid", "train")
     counts = split.groupby(["subset", "label"]).size()
     parts = {(s, lab): int(counts.get((s, lab), 0)) for s in ("train", "valid") for lab in range(len(CLASSES))}
     if min(parts.values()) == 0:
@@ -492,6 +396,18 @@ def write_eda(data: Path, checks: pd.DataFrame) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def find_duplicates(data: Path, train_ok: pd.DataFrame, extra_ok: pd.DataFrame, test_ok: pd.DataFrame
+                    ) -> pd.DataFrame:
+    """The duplicate groups among the images used (from the hashes of the checks), saved by save_groups."""
+    labels = {"train": [helper.parse_train_name(n)[0] for n in train_ok.name],
+              EXTRA: [parse_extra_name(n)[0] for n in extra_ok.name], "test": [-1] * len(test_ok)}
+    rows = pd.concat([helper.hash_rows(df, part, labels[part])
+                      for part, df in (("train", train_ok), (EXTRA, extra_ok), ("test", test_ok))], ignore_index=True)
+    groups = helper.find_groups(rows)
+    log.info(helper.save_groups(data, groups))
+    return groups
+
+
 def report_problems(checks: pd.DataFrame) -> None:
     for r in checks[checks.problem != ""].itertuples():
         log.warning(f"skipped {r.folder}/{r.name}: {r.problem}")
@@ -526,9 +442,10 @@ def organize(args, data: Path, extra: Path | None) -> dict:
         folders[EXTRA] = extra
     parsers = {"train": helper.parse_train_name, "test": helper.parse_test_name, EXTRA: parse_extra_name}
 
-    cache_path = data / CHECK_CACHE
-    cache = read_check_cache(cache_path)
-    checks = {key: check_folder(folder, parsers[key], cache, args.workers, key) for key, folder in folders.items()}
+    cache_path = data / helper.CHECK_CACHE
+    cache = helper.read_check_cache(cache_path)
+    checks = {key: helper.check_folder(folder, parsers[key], cache, args.workers, key, NAME_PATTERNS[key])
+              for key, folder in folders.items()}
     others = Counter()
     if args.extra_data:
         checks[EXTRA], others = extra_images(checks[EXTRA], folders[EXTRA], args.extra_data)
@@ -546,7 +463,9 @@ def organize(args, data: Path, extra: Path | None) -> dict:
 
     train_ok, test_ok, extra_ok, excluded = usable_images(checks, folders, args.exclude)
     # Kaggle's rows are split exactly as without --extra-data; the extra ones only add training rows.
-    split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed), extra_ok)
+    groups = find_duplicates(data, train_ok, extra_ok, test_ok)
+    split = add_extra_rows(make_split(train_ok, args.valid_frac, args.seed,
+                                      groups if not args.no_group_duplicates else None), extra_ok)
     test_names = sorted(test_ok.name, key=helper.parse_test_name)
     is_extra = (split.source == EXTRA).to_numpy()
     extra_meta = None
@@ -554,8 +473,12 @@ def organize(args, data: Path, extra: Path | None) -> dict:
         extra_meta = {"dir": str(folders[EXTRA].resolve()), "source": EXTRA,
                       **{cls: int((split.label[is_extra] == lab).sum()) for lab, cls in enumerate(CLASSES)}}
 
+    unusable = checks["test"][checks["test"].problem != ""]
     meta = {"seed": args.seed, "valid_frac": args.valid_frac, "copy": args.copy, "excluded": sorted(excluded),
-            "extra_data": extra_meta,
+            "extra_data": extra_meta, "group_duplicates": not args.no_group_duplicates,
+            # every entry of test/ seen and not used: 07 still owes Kaggle a row for each that has an id
+            "test_unusable": [[n, helper.test_entry_id(n), why]
+                              for n, why in zip(unusable.name, unusable.problem, strict=True)],
             "split_sha256": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
             "test_sha256": hashlib.sha256("\n".join(test_names).encode()).hexdigest()}
     plan = planned_entries(data, split, test_names, folders.get(EXTRA))
@@ -588,7 +511,12 @@ def organize(args, data: Path, extra: Path | None) -> dict:
                  + (" (with the extra images)" if subset == "train" and is_extra.any() else ""))
     log.info(f"test: {len(test_names)} used, {n_bad['test']} skipped; split seed {args.seed}, "
              f"valid fraction {args.valid_frac}")
-    return {"split": split, "test_names": test_names, "checks": checks, "excluded": excluded}
+    if len(unusable):  # last, apart from the progress lines: a submission without them is rejected by Kaggle
+        shown = ", ".join(unusable.name[:100]) + (f" and {len(unusable) - 100} more" if len(unusable) > 100 else "")
+        log.warning(f"{len(unusable)} test entries of {folders['test']}/ could not be used (why: the 'skipped' "
+                    f"lines above; all in {meta_path}): {shown}. Kaggle wants a row for every test id: 07 refuses a "
+                    f"submission without them unless --fill-unreadable P; better fix or replace them and rerun 01")
+    return {"split": split, "test_names": test_names, "checks": checks, "excluded": excluded, "groups": groups}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ sidecar <Model>.json), <Model>.history.csv, results.csv (the report's first tabl
 model), val_loss.png, TensorBoard runs under model/logs/single/<Model>/, and submissions/<Model>.csv.
 --folds K trains K heads instead (catdog/heads.py, train_kfold): model/single/<Model>_k<K>/ and
 submissions/<Model>_k<K>.csv.
+--pseudo FILE --pseudo-min P adds the test rows an earlier round predicted confidently as training rows (never valid
+or out-of-fold rows; catdog/pseudo.py says which FILE a K-fold run takes). --folds keeps each duplicate group of
+data/duplicates.csv in one fold (--no-group-duplicates: not).
 """
 
 import argparse
@@ -48,14 +51,22 @@ def main(args):
             stem = helper.kfold_name(name, args.folds) if args.folds else name
             helper.check_writable_target(Path(args.submissions_dir) / f"{stem}.csv")
     config = helper.HeadConfig.of(vars(args))
+    groups = helper.fold_groups(args.data_dir, not args.no_group_duplicates) if args.folds else None
+    pseudo = (helper.pseudo_for(args.data_dir, args.pseudo, args.pseudo_min, args.pseudo_hard, args.folds, config.seed,
+                                groups) if args.pseudo else None)
     out = helper.Output(Path(args.model_dir), helper.SINGLE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
+    if pseudo:
+        stems = [helper.kfold_name(n, args.folds) if args.folds else n for n in names]
+        pseudo.refuse_outputs([out.folder / (s if args.folds else f"{s}.keras") for s in stems]
+                              + ([Path(args.submissions_dir) / f"{s}.csv" for s in stems] if args.predict else []))
     results = None
     for name in names:
         feats = helper.load_features([name], args.data_dir, **config.feature_parts())
         if args.folds:
-            row, test = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir))
+            row, test = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir),
+                                           groups, pseudo)
         else:
-            model, row = helper.train_head(name, feats, config, out)
+            model, row = helper.train_head(name, feats, config, out, pseudo)
             test = feats.predict(model, "test")
         # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out.folder, "single backbones: val_loss of each saved model"

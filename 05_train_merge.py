@@ -5,6 +5,9 @@ One Input per backbone -> Concatenate -> Dropout(0.5) -> Dense(1, sigmoid), Adad
 Writes model/merge/<combo>.keras (with its sidecar), results.csv, val_loss.png and TensorBoard runs under
 model/logs/merge/. --folds K trains K heads instead (model/merge/<combo>_k<K>/, see catdog/heads.py);
 --params model/hyperopt/best.json trains with 06's best hyperparameters (e.g. K-fold: the report's final model).
+--pseudo FILE --pseudo-min P adds the test rows an earlier round predicted confidently as training rows (never valid
+or out-of-fold rows; catdog/pseudo.py says which FILE a K-fold run takes). --folds keeps each duplicate group of
+data/duplicates.csv in one fold (--no-group-duplicates: not).
 """
 
 import json
@@ -82,15 +85,23 @@ def main(args):
     else:
         combos = [tuple(dict.fromkeys(args.models))]
     config = helper.HeadConfig.of(vars(args))
+    groups = helper.fold_groups(args.data_dir, not args.no_group_duplicates) if args.folds else None
+    pseudo = (helper.pseudo_for(args.data_dir, args.pseudo, args.pseudo_min, args.pseudo_hard, args.folds, config.seed,
+                                groups) if args.pseudo else None)
     out = helper.Output(Path(args.model_dir), helper.MERGE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
+    if pseudo:
+        names = ["+".join(c) for c in combos]
+        pseudo.refuse_outputs([out.folder / (helper.kfold_name(n, args.folds) if args.folds else f"{n}.keras")
+                               for n in names])
     results = None
     for combo in combos:
         name = "+".join(combo)
         feats = helper.load_features(combo, args.data_dir, **config.feature_parts())
         if args.folds:
-            row, _ = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir))
+            row, _ = helper.train_kfold(name, feats, config, out, args.folds, helper.kaggle_rows(args.data_dir),
+                                           groups, pseudo)
         else:
-            _, row = helper.train_head(name, feats, config, out)
+            _, row = helper.train_head(name, feats, config, out, pseudo)
         # Each row right after its model is saved, so results.csv always describes the models on disk.
         results = helper.write_results([row], out.folder, "merged features: val_loss of each saved model"
                                        + (" (K-fold rows: out-of-fold)" if args.folds else ""),

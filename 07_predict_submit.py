@@ -8,6 +8,9 @@ MESSAGE then uploads the checked submission to Kaggle (needs API credentials, ch
 Beyond the report: --tta averages feature views (02 --views); --blend, --calibrate temperature and --clip auto
 fit weights, a temperature and the clip bound on out-of-fold (else valid) predictions, write <output stem>.json,
 and with --analyze the suspects list model/analysis/suspects.txt.
+Every test entry 01 saw needs a row (Kaggle rejects a submission without one): one 01 could not use is refused,
+unless --fill-unreadable P. --known-labels submits the training label of a test image with exactly the pixels of a
+labelled one (data/duplicates.csv). Both are recorded in <output stem>.json.
 """
 
 import dataclasses
@@ -39,8 +42,8 @@ def parse_args(argv=None):
                         "(else valid) predictions, applied before clipping")
     p.add_argument("--clip", default="fixed", choices=["fixed", "auto"],
                    help="fixed: --clip-low/--clip-high (the report's [0.005, 0.995]); auto: the bound c in "
-                        f"[{CLIP_GRID[0]}, {CLIP_GRID[-1]}] ([c, 1-c]) with the lowest out-of-fold (else valid) "
-                        "log loss")
+                        f"[{helper.CLIP_GRID[0]}, {helper.CLIP_GRID[-1]}] ([c, 1-c]) with the lowest out-of-fold "
+                        "(else valid) log loss")
     p.add_argument("--blend-folds", type=helper.number(int, 2), default=5,
                    help="folds of the judged rows over which --blend, --calibrate and --clip auto are cross-fitted "
                         "to report an honest log loss (each fold judged by what the others fitted)")
@@ -56,6 +59,13 @@ def parse_args(argv=None):
                    help="also rank labelled images by |label - prediction| into model/analysis/ (with Grad-CAM "
                         "overlays of the worst when model/export/ holds 08's export of this model)")
     p.add_argument("--top", type=helper.POSITIVE_INT, default=20, help="images in the --analyze grid")
+    p.add_argument("--known-labels", action="store_true",
+                   help="predict the training label (clipped) of a test image whose decoded pixels equal those of a "
+                        "labelled image (01's data/duplicates.csv; never a near duplicate); off by default: whether "
+                        "that fits the competition's rules is your call")
+    p.add_argument("--fill-unreadable", type=helper.PROBABILITY, nargs="?", const=0.5, metavar="P",
+                   help="write P (default 0.5) for the test entries 01 saw but could not use (by default such a "
+                        "submission is refused: Kaggle rejects one without every test id)")
     p.add_argument("--kaggle-submit", metavar="MESSAGE",
                    help=f"then upload the checked submission to Kaggle's {helper.KAGGLE_COMPETITION} with this "
                         "description (needs Kaggle API credentials)")
@@ -68,87 +78,6 @@ def parse_args(argv=None):
     if args.kaggle_submit is not None and not args.kaggle_submit.strip():
         p.error("--kaggle-submit is empty: give a message describing the submission, e.g. \"merged head, seed 2018\"")
     return args
-
-
-# ----------------------------------------------------------------------------- blend, calibrate, clip on evidence
-# Every figure here is fitted and judged on honest predictions only: a K-fold model's out-of-fold predictions, or a
-# single-split model's predictions of split.csv's valid rows. The log loss reported for a blend (and for the
-# calibration and clip fitted after it) is cross-fitted: the judged rows are cut into --blend-folds folds and each
-# fold's predictions come from weights, temperature and clip fitted on the other folds only.
-
-CLIP_GRID = np.round(np.arange(0.001, 0.0505, 0.001), 3)  # --clip auto's candidates: 0.001 ... 0.05
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), helper.LOGIT_EPS, 1 - helper.LOGIT_EPS)
-    return np.log(p / (1 - p))
-
-
-def fit_blend(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative weights summing to 1 (one per column of `preds`) minimising the blend's log loss."""
-    from scipy.optimize import minimize
-    k = preds.shape[1]
-    if k == 1:
-        return np.ones(1)
-    result = minimize(lambda w: log_loss(y, preds @ w), np.full(k, 1 / k), method="SLSQP",
-                      bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
-                      options={"ftol": 1e-12, "maxiter": 500})
-    w = np.clip(result.x, 0, None)
-    return w / w.sum()
-
-
-def scale_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    """sigmoid(logit(p) / T): T > 1 softens overconfident predictions, T < 1 sharpens."""
-    return 1 / (1 + np.exp(-logit(p) / temperature))
-
-
-def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
-    """The temperature (1/20 to 20) with the lowest log loss (Guo et al. 2017, one parameter)."""
-    from scipy.optimize import minimize_scalar
-    result = minimize_scalar(lambda t: log_loss(y, scale_temperature(p, np.exp(t))), bounds=(-3, 3),
-                             method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(result.x))
-
-
-def auto_clip(p: np.ndarray, y: np.ndarray) -> float:
-    """The bound c of CLIP_GRID whose clip to [c, 1 - c] gives the lowest log loss (the smallest on a tie)."""
-    losses = [log_loss(y, p, (c, 1 - c)) for c in CLIP_GRID]
-    return float(CLIP_GRID[int(np.argmin(losses))])
-
-
-@dataclasses.dataclass
-class Recipe:
-    """What turns the models' predictions into the submitted ones: weights, then temperature, then clip."""
-    weights: np.ndarray
-    temperature: float
-    clip: tuple[float, float]
-
-    def stages(self, preds: np.ndarray) -> dict[str, np.ndarray]:
-        """The predictions after each stage: 'blend', 'calibrated', 'clipped'."""
-        blend = preds @ self.weights
-        calibrated = scale_temperature(blend, self.temperature) if self.temperature != 1 else blend
-        return {"blend": blend, "calibrated": calibrated, "clipped": np.clip(calibrated, *self.clip)}
-
-
-def fit_recipe(preds: np.ndarray, y: np.ndarray, calibrate: bool, clip: tuple[float, float] | None) -> Recipe:
-    """Fit the weights, then (`calibrate`) the temperature on the blend, then (`clip` None: auto) the clip."""
-    weights = fit_blend(preds, y)
-    temperature = fit_temperature(preds @ weights, y) if calibrate else 1.0
-    if clip is None:
-        c = auto_clip(Recipe(weights, temperature, (0, 1)).stages(preds)["calibrated"], y)
-        clip = (c, 1 - c)
-    return Recipe(weights, temperature, clip)
-
-
-def cross_fit(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, fit) -> dict[str, np.ndarray]:
-    """Each stage's predictions of every row by a recipe `fit(preds, y)` fitted without the row's fold: the
-    labels of a row never shape its own prediction."""
-    out = {}
-    for k in np.unique(folds):
-        held = folds == k
-        for stage, p in fit(preds[~held], y[~held]).stages(preds[held]).items():
-            out.setdefault(stage, np.zeros(len(y)))[held] = p
-    return out
 
 
 @dataclasses.dataclass
@@ -260,7 +189,7 @@ def tta_mean(views: np.ndarray, how: str = "prob") -> np.ndarray:
     views = np.asarray(views, np.float64)
     if how == "prob":
         return views.mean(axis=0)
-    return 1 / (1 + np.exp(-logit(views).mean(axis=0)))
+    return 1 / (1 + np.exp(-helper.logit(views).mean(axis=0)))
 
 
 def describe(meta: dict) -> str:
@@ -404,6 +333,57 @@ def cam_worst(worst: pd.DataFrame, model_path: Path, model_dir: Path, data_dir: 
     log.info(f"wrote {len(worst)} Grad-CAM overlays of the worst images to {out_dir}/")
 
 
+def known_labels(data_dir: Path, test_ids: np.ndarray) -> dict[int, int]:
+    """--known-labels: test id -> the label of the labelled images (split.csv's) with exactly its pixels."""
+    groups = helper.read_duplicates(data_dir)
+    if groups is None:
+        raise CatDogError(f"--known-labels: no {data_dir / helper.DUPLICATES_CSV}: rerun 01_reorganize_data.py, "
+                          f"which finds the duplicates")
+    split = helper.read_split(data_dir)
+    known, conflicts = helper.known_test_labels(groups, dict(zip(split.filename, split.label, strict=True)))
+    for name in conflicts:
+        log.warning(f"--known-labels: test {name} equals labelled images of both classes: predicted by the model")
+    ids = {helper.parse_test_name(n): label for n, label in known.items()}
+    return {i: label for i, label in ids.items() if i in set(test_ids.tolist())}
+
+
+def submit(args, data_dir: Path, output: Path, ids: np.ndarray, probs: np.ndarray, clip, info: dict | None = None
+           ) -> pd.DataFrame:
+    """Write the submission of `ids` (the laid-out test images): --known-labels first, then a row for each test
+    entry 01 saw but could not use (--fill-unreadable P; refused without it), checked against every entry 01 saw;
+    and <output stem>.json with `info` (the recipe) and what the two options did."""
+    ids, probs, info = np.asarray(ids, np.int64), np.asarray(probs, float).copy(), dict(info or {})
+    if args.known_labels:
+        known = known_labels(data_dir, ids)
+        at = {int(i): k for k, i in enumerate(ids)}
+        for i, label in known.items():
+            probs[at[i]] = label
+        log.info(f"--known-labels: {len(known)} test images are exact copies of labelled ones: their training "
+                 f"label is submitted (clipped to {clip})")
+        info["known_labels"] = {"count": len(known), "ids": sorted(known)}
+    unusable = helper.unusable_test_entries(data_dir)
+    missing = {i: (n, why) for n, i, why in unusable if i is not None and i not in set(ids.tolist())}
+    for n, _, why in (e for e in unusable if e[1] is None):
+        log.warning(f"test entry {n} (01: {why}) stands for no test id: no row is written for it")
+    if missing and args.fill_unreadable is None:
+        shown = "; ".join(f"{n} ({why})" for n, why in list(missing.values())[:20])
+        raise CatDogError(f"submission refused: {len(missing)} test entries 01 saw have no prediction, and Kaggle "
+                          f"rejects a submission without every test id: {shown}{' ...' if len(missing) > 20 else ''}."
+                          f" Fix or replace them and rerun 01 and 02, or pass --fill-unreadable P to submit P for them")
+    if missing:
+        log.warning(f"--fill-unreadable: {len(missing)} test entries 01 could not use get {args.fill_unreadable}: "
+                    + ", ".join(n for n, _ in missing.values()))
+        info["filled"] = {"value": args.fill_unreadable, "ids": sorted(missing)}
+        ids = np.concatenate([ids, np.fromiter(missing, np.int64)])
+        probs = np.concatenate([probs, np.full(len(missing), args.fill_unreadable)])
+    expected = np.union1d(helper.laid_out_test_ids(data_dir), np.fromiter(missing, np.int64))
+    sub = helper.write_submission(ids, probs, output, expected, clip,
+                                  against="every test entry 01 saw" if unusable else "the test images on disk")
+    if info:
+        helper.write_json({**info, "args": vars(args)}, output.with_suffix(".json"))
+    return sub
+
+
 def submit_on_evidence(args, paths: list[Path], output: Path, data_dir: Path, model_dir: Path) -> pd.DataFrame:
     """--blend, --calibrate and --clip auto: fit the recipe on the candidates' honest predictions, report each
     stage's cross-fitted log loss, write the submission and <output stem>.json (and model/blend/results.csv)."""
@@ -422,7 +402,7 @@ def submit_on_evidence(args, paths: list[Path], output: Path, data_dir: Path, mo
     calibrate = args.calibrate == "temperature"
 
     def fit(p, labels):
-        return fit_recipe(p, labels, calibrate, clip)
+        return helper.fit_recipe(p, labels, calibrate, clip)
 
     recipe = fit(preds, y)
     smallest = int(min(y.sum(), len(y) - y.sum()))
@@ -430,7 +410,7 @@ def submit_on_evidence(args, paths: list[Path], output: Path, data_dir: Path, mo
         raise CatDogError(f"the {len(rows)} {judged} rows hold {smallest} image(s) of one class: too few to fit and "
                           f"judge --blend, --calibrate or --clip auto; use more data or a larger --valid-frac in 01")
     folds = helper.fold_assignment(y, min(args.blend_folds, smallest), args.seed)
-    crossed, fitted = cross_fit(preds, y, folds, fit), recipe.stages(preds)
+    crossed, fitted = helper.cross_fit(preds, y, folds, fit), recipe.stages(preds)
     table = [{"model": c.name, "weight": w, "log_loss": log_loss(y, preds[:, i]), "fitted_log_loss": np.nan}
              for i, (c, w) in enumerate(zip(cands, recipe.weights, strict=True))]
     stages = {"blend": "blend", "calibrated": f"+ temperature {recipe.temperature:.3f}",
@@ -446,13 +426,12 @@ def submit_on_evidence(args, paths: list[Path], output: Path, data_dir: Path, mo
     if args.blend:
         helper.write_csv(table, model_dir / helper.BLEND_DIR / helper.RESULTS_CSV)
     test = recipe.stages(np.column_stack([c.test for c in cands]))["calibrated"]
-    sub = helper.write_submission(test_ids, test, output, test_ids, recipe.clip)
     info = {"models": [str(c.source) for c in cands], "weights": dict(zip([c.name for c in cands],
                                                                           map(float, recipe.weights), strict=True)),
             "temperature": recipe.temperature, "clip": list(recipe.clip),
             "oof_log_loss": log_loss(y, crossed["clipped"]), "fitted_log_loss": log_loss(y, fitted["clipped"]),
-            "judged_on": judged, "rows": len(rows), "args": vars(args)}
-    helper.write_json(info, output.with_suffix(".json"))
+            "judged_on": judged, "rows": len(rows)}
+    sub = submit(args, data_dir, output, test_ids, test, recipe.clip, info)
     log.info(f"wrote {output.with_suffix('.json')}: weights {info['weights']}, temperature {recipe.temperature:.4f}, "
              f"clip {recipe.clip}, {judged} log loss {info['oof_log_loss']:.5f} (cross-fitted)")
     if args.analyze:
@@ -508,6 +487,9 @@ def check_run_outputs(args, output: Path, paths: list[Path], data_dir: Path, mod
 
 def main(args):
     output = helper.check_writable_target(args.output)  # before any work: not a folder, device or FIFO
+    if (args.known_labels or args.fill_unreadable is not None) and output.suffix == ".json":
+        raise CatDogError(f"--output {output}: its record {output.with_suffix('.json')} would be the submission "
+                          f"itself: give the submission a .csv name")
     if args.analyze:  # --analyze writes under --model-dir even with --model: refuse a file there before any work,
         helper.check_model_dir(Path(args.model_dir))  # not as a raw OSError after the submission was written
     # Credentials first: without them no work is done.
@@ -537,7 +519,7 @@ def main(args):
             probs = {part: tta_mean(probs[f"{part}_views"], args.tta_mean) for part in parts}
             log.info(f"--tta: {args.tta_mean} mean over {len(plain['test_views'])} views")
         clip = (args.clip_low, args.clip_high)
-        sub = helper.write_submission(feats.test_ids, probs["test"], output, helper.laid_out_test_ids(data_dir), clip)
+        sub = submit(args, data_dir, output, feats.test_ids, probs["test"], clip)
         if args.analyze:
             table = labelled_table(feats, probs["labelled"])
             worst = analyze(table, data_dir, out_dir, args.top, clip, plain["labelled"] if args.tta else None)

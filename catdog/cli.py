@@ -146,11 +146,22 @@ def views_arg(p: argparse.ArgumentParser) -> None:
 
 
 def kfold_args(p: argparse.ArgumentParser) -> None:
-    """--folds, shared by the heads (03, 05)."""
+    """--folds (and its duplicate groups) and --pseudo, shared by the heads (03, 05)."""
     p.add_argument("--folds", type=number(int, 2),
                    help="train one head per fold of a stratified, seeded K-fold over every labelled Kaggle row "
                         "(train and valid) instead of the report's single split; writes <model>_k<K>/ with the "
                         "fold models, oof.csv (out-of-fold predictions) and test.csv (the folds' mean)")
+    p.add_argument("--no-group-duplicates", action="store_true",
+                   help="--folds: deal rows one by one, not each duplicate group of data/duplicates.csv to one fold "
+                        "(by default the folds group them when 01 grouped its split)")
+    p.add_argument("--pseudo", metavar="FILE",
+                   help="also train on confident test predictions of an earlier round: a submission CSV or a K-fold "
+                        "folder (its test.csv); with --folds only a K-fold folder of the same folds (its "
+                        "test_folds.csv: fold k learns from fold k's own model). Never valid or out-of-fold rows")
+    p.add_argument("--pseudo-min", type=number(float, 0.5, 1), default=0.95, metavar="P",
+                   help="--pseudo: the test rows whose P(dog) is at least P or at most 1-P")
+    p.add_argument("--pseudo-hard", action="store_true",
+                   help="--pseudo: train on 0/1 targets, not the predicted probability (a soft target)")
 
 
 def clip_args(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,9 @@ CLASSES = ("cat", "dog")  # label 0 = cat, 1 = dog, as Kaggle scores it
 # --data-dir: what 01 writes, and 02 and 04 read.
 SPLIT_CSV = "split.csv"
 SPLIT_META = "split.json"
+# 01's duplicate groups (03/05's folds and 07 --known-labels read them), and the labelled images of groups that
+# hold a cat and a dog, for a person to review.
+DUPLICATES_CSV, DUPLICATE_SUSPECTS = "duplicates.csv", "duplicates_suspects.txt"
 TRAIN2 = "train2"
 SPLITTED = "splitted"
 TEST2 = Path("test2") / "test"
@@ -43,6 +46,8 @@ HYPEROPT_BEST = Path(HYPEROPT_DIR) / "best.keras"
 RESULTS_CSV = "results.csv"
 # A K-fold run's folder: its summary (written last: a folder without it is unfinished), predictions, test mean.
 KFOLD_SUMMARY, OOF_CSV, TEST_CSV = "kfold.json", "oof.csv", "test.csv"
+# ...and each fold model's own test predictions (id, fold1..foldK): pseudo-labels for fold k from fold k's model.
+TEST_FOLDS_CSV = "test_folds.csv"
 # 08's export folder under --model-dir, and its files (07 and predict.py read them too).
 EXPORT_DIR = "export"
 EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO = ("catdog.keras", "saved_model", "catdog.tflite",

@@ -22,6 +22,9 @@ from .files import file_sha256, plain_name, read_json
 
 _TRAIN_NAME = re.compile(r"^(cat|dog)\.(\d+)\.jpg$")
 _TEST_NAME = re.compile(r"^(\d+)\.jpg$")
+# What a test entry stands for when its name is not Kaggle's (`7.JPG`, `7.jpeg`): 07 still owes Kaggle its id.
+_TEST_LIKE = re.compile(r"^(\d+)\.jpe?g$", re.IGNORECASE)
+TEST_ID_MAX = int(np.iinfo(np.int64).max)  # Kaggle's ids are 1..12500; beyond int64 no array could hold one
 
 
 def parse_train_name(name: str) -> tuple[int, int] | None:
@@ -31,9 +34,28 @@ def parse_train_name(name: str) -> tuple[int, int] | None:
 
 
 def parse_test_name(name: str) -> int | None:
-    """`123.jpg` -> 123; None if not a Kaggle test name."""
+    """`123.jpg` -> 123; None if not a Kaggle test name (also for id 0 and ids beyond int64)."""
     m = _TEST_NAME.match(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and 1 <= int(m.group(1)) <= TEST_ID_MAX else None
+
+
+def test_entry_id(name: str) -> int | None:
+    """The test id an entry of test/ stands for, even under a name 01 cannot use (`7.JPG`, `7.jpeg`); None when
+    its name holds no possible id (`notes.txt`, `0.jpg`)."""
+    m = _TEST_LIKE.match(name)
+    return int(m.group(1)) if m and 1 <= int(m.group(1)) <= TEST_ID_MAX else None
+
+
+def test_name_problem(name: str) -> str:
+    """Why a test entry's name is not one 01 can use: what Kaggle's would be, or why it holds no id."""
+    m = _TEST_LIKE.match(name)
+    if m and int(m.group(1)) == 0:
+        return "test id 0 is not a Kaggle id (they start at 1): rename it N.jpg with its id"
+    if m and int(m.group(1)) > TEST_ID_MAX:
+        return f"test id {m.group(1)} is beyond any Kaggle id (at most {TEST_ID_MAX}): rename it N.jpg with its id"
+    if m:
+        return f"not Kaggle's name for test id {int(m.group(1))}: rename it {int(m.group(1))}.jpg"
+    return "name does not match Kaggle's pattern N.jpg (N: the test id, from 1)"
 
 
 def read_name_list(path: str | Path) -> list[str]:
@@ -136,6 +158,19 @@ def laid_out_test_ids(data_dir: str | Path) -> np.ndarray:
 
 
 
+def unusable_test_entries(data_dir: str | Path) -> list[tuple[str, int | None, str]]:
+    """(name, test id or None, problem) of every entry of test/ that 01 saw and could not use, from split.json:
+    a submission still owes Kaggle a row for each that has an id."""
+    meta = None
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((Path(data_dir) / SPLIT_META).read_text())
+    entries = meta.get("test_unusable", []) if isinstance(meta, dict) else []
+    try:
+        return [(str(n), None if i is None else int(i), str(why)) for n, i, why in entries]
+    except (TypeError, ValueError):
+        raise CatDogError(f"{Path(data_dir) / SPLIT_META} is not one 01_reorganize_data.py wrote: rerun it") from None
+
+
 def split_fingerprint(data_dir: str | Path) -> str:
     """sha256 of split.csv: models trained on another split (or other rows) are not judged together."""
     path = Path(data_dir) / SPLIT_CSV
@@ -144,16 +179,51 @@ def split_fingerprint(data_dir: str | Path) -> str:
     return file_sha256(path)
 
 
-def stratified_split(labels: Sequence[int], valid_frac: float, seed: int) -> np.ndarray:
+def _units(labels: np.ndarray, groups: np.ndarray | None, rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` as the units a split or fold keeps together: one per duplicate group (`groups`: each row's group,
+    -1 for none), one per other row; in the order of their first row."""
+    units: dict = {}
+    for r in rows:
+        g = groups[r] if groups is not None else -1
+        units.setdefault(("g", int(g)) if g >= 0 else ("r", int(r)), []).append(r)
+    return [np.asarray(u) for u in units.values()]
+
+
+def _unit_label(labels: np.ndarray, unit: np.ndarray) -> int:
+    """A unit's class for stratifying: its rows' majority label, on a tie its first row's."""
+    counts = np.bincount(labels[unit])
+    return int(labels[unit[0]]) if (counts == counts.max()).sum() > 1 else int(counts.argmax())
+
+
+def _class_units(labels: np.ndarray, rows: np.ndarray, groups: np.ndarray | None) -> dict[int, list[np.ndarray]]:
+    out: dict[int, list[np.ndarray]] = {int(c): [] for c in np.unique(labels[rows])}
+    for unit in _units(labels, groups, rows):
+        out[_unit_label(labels, unit)].append(unit)
+    return out
+
+
+def stratified_split(labels: Sequence[int], valid_frac: float, seed: int, groups: np.ndarray | None = None
+                     ) -> np.ndarray:
     """Boolean mask of validation rows: the same fraction of each class, fixed by `seed`.
 
-    Depends only on the row order and the labels, so it is stable across runs and machines.
+    Depends only on the row order and the labels, so it is stable across runs and machines. `groups` (each row's
+    duplicate group, -1 for none; duplicates.group_ids) keeps each group on one side: groups are drawn like rows,
+    in a seeded order, each taken into valid while it fits the class's share; without groups (or with none of two
+    rows) the mask is exactly the one without `groups`.
     """
     if not 0 < valid_frac < 1:
         raise CatDogError(f"--valid-frac must be between 0 and 1, got {valid_frac}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     valid = np.zeros(len(labels), dtype=bool)
+    if groups is not None:
+        # Singleton units drawn by rng.permutation(len) in row order are the rows rng.permutation(rows) gives.
+        for _, units in _class_units(labels.astype(int), np.arange(len(labels)), np.asarray(groups)).items():
+            n_valid, taken = int(round(sum(len(u) for u in units) * valid_frac)), 0
+            for k in rng.permutation(len(units)):
+                if taken + len(units[k]) <= n_valid:
+                    valid[units[k]], taken = True, taken + len(units[k])
+        return valid
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
         n_valid = int(round(len(rows) * valid_frac))
@@ -161,13 +231,27 @@ def stratified_split(labels: Sequence[int], valid_frac: float, seed: int) -> np.
     return valid
 
 
-def fold_assignment(labels: np.ndarray, folds: int, seed: int, held_out: np.ndarray | None = None) -> np.ndarray:
+def fold_assignment(labels: np.ndarray, folds: int, seed: int, held_out: np.ndarray | None = None,
+                    groups: np.ndarray | None = None) -> np.ndarray:
     """Each row's fold (0..folds-1): stratified (each class dealt round the folds in a seeded order), the same
-    for every model with the same seed; -1 for rows outside `held_out` (extra data: always trained on)."""
+    for every model with the same seed; -1 for rows outside `held_out` (extra data: always trained on). `groups`
+    (duplicates.group_ids) deals each duplicate group whole, to the fold of the class with the fewest rows so far
+    (the first on a tie: for single rows that is the plain deal, so without groups the folds are the same)."""
     labels = np.asarray(labels).astype(int)
     held_out = np.ones(len(labels), bool) if held_out is None else np.asarray(held_out, bool)
     fold = np.full(len(labels), -1)
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        for c, units in _class_units(labels, np.flatnonzero(held_out), np.asarray(groups)).items():
+            n = sum(len(u) for u in units)
+            if n < folds or len(units) < folds:
+                raise CatDogError(f"--folds {folds} needs at least {folds} labelled images (duplicate groups count "
+                                  f"once) of each class; {CLASSES[c]} has {len(units)}: use fewer folds")
+            counts = np.zeros(folds, int)
+            for k in rng.permutation(len(units)):
+                f = int(np.argmin(counts))
+                fold[units[k]], counts[f] = f, counts[f] + len(units[k])
+        return fold
     for c in np.unique(labels[held_out]):
         rows = rng.permutation(np.flatnonzero((labels == c) & held_out))
         if len(rows) < folds:

@@ -18,6 +18,9 @@ from .common import CLASSES, DEFAULT_SEED, CatDogError, log
 from .files import atomic_path, read_json, write_csv, write_json
 
 DEMO_MARKER = ".demo.json"
+# From this many images per class the demo adds its two duplicates (the tests' pipeline uses 30, `make demo` 50);
+# the smaller demos are the tests' minimal datasets, whose counts the tests name.
+DEMO_DUPLICATES_FROM = 25
 
 
 def demo_image(rng: np.random.Generator, label: int, width: int, height: int):
@@ -105,7 +108,10 @@ def generated_files(marker: Path) -> dict[str, str]:
 def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = DEFAULT_SEED) -> Path:
     """Write a demo dataset in Kaggle's layout: train/{cat,dog}.N.jpg, test/N.jpg, plus test truth.
 
-    Quirks of the real data are included: cat.0 is over 1000 px wide and dog.1 is grayscale.
+    Quirks of the real data are included: cat.0 is over 1000 px wide, dog.1 is grayscale, and from
+    DEMO_DUPLICATES_FROM images per class two duplicates, made after every other image so that those stay as they
+    were: the last test image is a byte copy of the last cat, and dog.N (N = n_per_class) a re-encoding (JPEG
+    quality 60) of dog.N-1, as Kaggle's sets hold both.
     `demo_test_labels.csv` keeps the test labels so a demo submission can be scored. The marker
     .demo.json records every file written and its sha256: a later --demo N replaces those and refuses to
     run if train/ or test/ hold anything else, so it can never delete the user's images.
@@ -146,10 +152,26 @@ def make_demo_dataset(data_dir: str | Path, n_per_class: int, seed: int = DEFAUL
     truth = rng.integers(0, 2, n_test)
     for i, label in enumerate(truth, start=1):
         save(demo_image(rng, int(label), *demo_size(rng)), f"test/{i}.jpg")
+    if n_per_class >= DEMO_DUPLICATES_FROM:
+        from PIL import Image
+        last_cat = data_dir / f"train/cat.{n_per_class - 1}.jpg"
+        with atomic_path(data_dir / f"test/{n_test + 1}.jpg") as tmp:
+            tmp.write_bytes(last_cat.read_bytes())
+        files[f"test/{n_test + 1}.jpg"] = sha256(last_cat)
+        with Image.open(data_dir / f"train/dog.{n_per_class - 1}.jpg") as im:
+            im.load()
+            with atomic_path(data_dir / f"train/dog.{n_per_class}.jpg") as tmp:
+                im.save(tmp, format="JPEG", quality=60)
+            files[f"train/dog.{n_per_class}.jpg"] = sha256(data_dir / f"train/dog.{n_per_class}.jpg")
+        truth = np.append(truth, 0)
+        n_test += 1
     write_csv(pd.DataFrame({"id": np.arange(1, n_test + 1), "label": truth}),
                      data_dir / "demo_test_labels.csv")
     write_json({**spec, "files": files}, marker)
-    log.info(f"demo data: {2 * n_per_class} labelled and {n_test} test images written to {data_dir}")
+    dups = n_per_class >= DEMO_DUPLICATES_FROM
+    log.info(f"demo data: {2 * n_per_class + dups} labelled and {n_test} test images written to {data_dir}"
+             + (f" (two of them duplicates: test/{n_test}.jpg of train/cat.{n_per_class - 1}.jpg, dog.{n_per_class} "
+                f"of dog.{n_per_class - 1})" if dups else ""))
     return data_dir
 
 

@@ -31,6 +31,7 @@ from .common import (
     PREDICTION_LAYER,
     RESULTS_CSV,
     TEST_CSV,
+    TEST_FOLDS_CSV,
     CatDogError,
     log,
     set_seed,
@@ -42,6 +43,7 @@ from .features import Features, model_inputs
 from .files import write_csv, write_json
 from .models import log_loss, save_model
 from .plots import plot_curves
+from .pseudo import Pseudo, fold_fingerprint
 
 
 @dataclass(frozen=True)
@@ -163,26 +165,44 @@ def fit(model, train, valid, epochs: int, callbacks: Sequence, batch_size: int |
     return df
 
 
+def _with_rows(inputs, extra: list[np.ndarray]):
+    """Training inputs (model_inputs' form) with the rows `extra` (one array per backbone) appended."""
+    xs = inputs if isinstance(inputs, list) else [inputs]
+    return model_inputs([np.concatenate([x, e.astype(x.dtype)]) for x, e in zip(xs, extra, strict=True)])
+
+
 def _fit_and_save(name: str, feats: Features, config: HeadConfig, trained: np.ndarray, held: np.ndarray,
-                  folder: Path, log_dir: Path, meta: dict):
+                  folder: Path, log_dir: Path, meta: dict, pseudo: tuple[np.ndarray, np.ndarray] | None = None):
     """The report's head on `feats` (one input per backbone), built with config.seed, trained on the labelled rows
     `trained` (each epoch one of their views with config.views) and judged on the rows `held`, then saved by
-    save_run as <folder>/<name>.keras with `meta`. Returns (model, results row)."""
+    save_run as <folder>/<name>.keras with `meta`. `pseudo`: (test rows, targets) trained on too (their plain
+    features), never judged. Returns (model, results row)."""
     dims = {n: x.shape[1] for n, x in zip(feats.names, feats.labelled, strict=True)}
     model = build_head(dims, config.dropout, config.make_optimizer(), config.seed)
     valid = (model_inputs([x[held] for x in feats.labelled]), feats.labels[held])
     xtr = (view_sampler(feats.labelled_views, trained, config.seed) if config.views > 1
            else model_inputs([x[trained] for x in feats.labelled]))
-    hist = fit(model, (xtr, feats.labels[trained]), valid, config.epochs, [tensorboard(log_dir)], config.batch_size)
+    ytr = feats.labels[trained]
+    if pseudo is not None and len(pseudo[0]):
+        extra = [x[pseudo[0]] for x in feats.test]
+        xtr = (lambda epoch, views=xtr: _with_rows(views(epoch), extra)) if callable(xtr) else _with_rows(xtr, extra)
+        ytr = np.concatenate([ytr.astype(np.float32), pseudo[1]])  # soft targets: binary_crossentropy takes them
+    hist = fit(model, (xtr, ytr), valid, config.epochs, [tensorboard(log_dir)], config.batch_size)
     return model, save_run(name, model, hist, valid, folder, meta)
 
 
-def train_head(name: str, feats: Features, config: HeadConfig, out: Output):
-    """03's and 05's run: the report's head trained on split.csv's train rows, judged on its valid rows, saved as
-    <model_dir>/<step>/<name>.keras with its sidecar and history. Returns (model, results row)."""
+def train_head(name: str, feats: Features, config: HeadConfig, out: Output, pseudo: Pseudo | None = None):
+    """03's and 05's run: the report's head trained on split.csv's train rows (and `pseudo`'s confident test rows),
+    judged on its valid rows, saved as <model_dir>/<step>/<name>.keras with its sidecar and history. Returns
+    (model, results row)."""
     meta = out.sidecar(config, features=feats.names, feature_attrs=feats.attrs)
-    return _fit_and_save(name, feats, config, np.flatnonzero(~feats.valid), np.flatnonzero(feats.valid),
-                         out.folder, out.log_dir(name), meta)
+    rows = pseudo.rows() if pseudo else None
+    if pseudo:
+        meta["pseudo"] = pseudo.record(len(rows[0]))
+        log.info(f"{name}: {len(rows[0])} pseudo-labelled test rows from {pseudo.source} join the training rows")
+    model, row = _fit_and_save(name, feats, config, np.flatnonzero(~feats.valid), np.flatnonzero(feats.valid),
+                               out.folder, out.log_dir(name), meta, rows)
+    return model, {**row, "pseudo_rows": len(rows[0])} if pseudo else row
 
 
 def kfold_name(name: str, folds: int) -> str:
@@ -190,27 +210,41 @@ def kfold_name(name: str, folds: int) -> str:
     return f"{name}_k{folds}"
 
 
-def train_kfold(name: str, feats: Features, config: HeadConfig, out: Output, folds: int, held_out: np.ndarray
-                ) -> tuple[dict, np.ndarray]:
+def train_kfold(name: str, feats: Features, config: HeadConfig, out: Output, folds: int, held_out: np.ndarray,
+                groups: np.ndarray | None = None, pseudo: Pseudo | None = None) -> tuple[dict, np.ndarray]:
     """03's and 05's --folds: one head per fold of the rows `held_out` may hold out (Kaggle's; extra data always
     trains), each judged on its held-out fold, under <model_dir>/<step>/<name>_k<K>/: fold<k>.keras (+ sidecar,
     history), oof.csv (filename, label, fold, prediction of the fold's model), test.csv (id, mean of the fold
-    models), kfold.json. Returns the results row (val_loss is the out-of-fold log loss, oof_std its spread over the
-    folds) and the test predictions."""
+    models), test_folds.csv (id, each fold model's own), kfold.json. `groups` (duplicates.group_ids) keeps each
+    duplicate group in one fold; `pseudo` (load_pseudo of a K-fold folder of the same folds) adds fold k's own
+    pseudo-labels to fold k's training rows. Returns the results row (val_loss is the out-of-fold log loss, oof_std
+    its spread over the folds) and the test predictions."""
     kname = kfold_name(name, folds)
     out_dir = out.folder / kname
-    fold = fold_assignment(feats.labels, folds, config.seed, held_out)
+    fold = fold_assignment(feats.labels, folds, config.seed, held_out, groups)
+    fold_sha256 = fold_fingerprint(feats.files, fold)
+    if pseudo is not None and pseudo.probs.shape[0] != folds:
+        raise CatDogError(f"--pseudo {pseudo.source}: one column of pseudo-labels per fold is needed with --folds")
     (out_dir / KFOLD_SUMMARY).unlink(missing_ok=True)  # until the new one is written, the folder is unfinished
     oof, test, fold_rows = np.full(len(fold), np.nan), np.zeros(len(feats.test_ids)), []
-    meta = out.sidecar(config, features=feats.names, feature_attrs=feats.attrs, folds=folds)
+    n_groups = 0 if groups is None else len(set(np.asarray(groups)[np.asarray(groups) >= 0].tolist()))
+    meta = out.sidecar(config, features=feats.names, feature_attrs=feats.attrs, folds=folds, fold_sha256=fold_sha256,
+                       duplicate_groups=n_groups)
+    per_fold, pseudo_rows = {}, []
     for k in range(folds):
         held, trained = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
-        log.info(f"{kname}: fold {k + 1}/{folds}: training on {len(trained)} rows, validating on {len(held)}")
+        rows = pseudo.rows(k) if pseudo else None
+        pseudo_rows.append(len(rows[0]) if rows else 0)
+        log.info(f"{kname}: fold {k + 1}/{folds}: training on {len(trained)} rows"
+                 + (f" and {pseudo_rows[-1]} pseudo-labelled test rows" if pseudo else "")
+                 + f", validating on {len(held)}")
+        fold_meta = {**meta, "fold": k + 1, **({"pseudo": pseudo.record(pseudo_rows[-1])} if pseudo else {})}
         model, row = _fit_and_save(f"fold{k + 1}", feats, dataclasses.replace(config, seed=config.seed + k), trained,
-                                   held, out_dir, out.log_dir(kname, f"fold{k + 1}"), {**meta, "fold": k + 1})
+                                   held, out_dir, out.log_dir(kname, f"fold{k + 1}"), fold_meta, rows)
         oof[held] = np.asarray(model.predict(model_inputs([x[held] for x in feats.labelled]),
                                              batch_size=PREDICT_BATCH, verbose=0)).ravel()
-        test += feats.predict(model, "test") / folds
+        per_fold[f"fold{k + 1}"] = feats.predict(model, "test")
+        test += per_fold[f"fold{k + 1}"] / folds
         fold_rows.append(row["val_loss"])
     rows = fold >= 0
     oof_table = pd.DataFrame({"filename": feats.files[rows], "label": feats.labels[rows].astype(int),
@@ -218,12 +252,16 @@ def train_kfold(name: str, feats: Features, config: HeadConfig, out: Output, fol
     oof_loss = log_loss(oof_table.label, oof_table.prediction)  # as 07 judges it
     write_csv(oof_table, out_dir / OOF_CSV)
     write_csv(pd.DataFrame({"id": feats.test_ids, "prediction": test}), out_dir / TEST_CSV)
+    write_csv(pd.DataFrame({"id": feats.test_ids, **per_fold}), out_dir / TEST_FOLDS_CSV)
+    if pseudo:
+        meta["pseudo"] = pseudo.record(pseudo_rows)
     summary = {**meta, "model": kname, "oof_log_loss": oof_loss, "fold_val_loss": fold_rows, **versions()}
     write_json(summary, out_dir / KFOLD_SUMMARY)  # last: a folder without it is an unfinished run
     log.info(f"{kname}: out-of-fold log loss {oof_loss:.5f} over {len(oof_table)} rows (folds: "
              + ", ".join(f"{v:.5f}" for v in fold_rows) + f"); wrote {out_dir}/")
-    return {"model": kname, "val_loss": oof_loss, "oof_log_loss": oof_loss, "oof_std": float(np.std(fold_rows)),
-            "folds": folds, "epochs": config.epochs, "seed": config.seed}, test
+    row = {"model": kname, "val_loss": oof_loss, "oof_log_loss": oof_loss, "oof_std": float(np.std(fold_rows)),
+           "folds": folds, "epochs": config.epochs, "seed": config.seed}
+    return ({**row, "pseudo_rows": float(np.mean(pseudo_rows))} if pseudo else row), test
 
 
 def save_run(name: str, model, history: pd.DataFrame, valid, out_dir: Path, meta: dict,

@@ -280,10 +280,10 @@ def validate_submission(df: pd.DataFrame, expected_ids: Sequence[int], clip: tup
 
 
 def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, expected_ids: Sequence[int],
-                     clip: tuple[float, float] = CLIP) -> pd.DataFrame:
+                     clip: tuple[float, float] = CLIP, against: str = "the test images on disk") -> pd.DataFrame:
     """Clip dog probabilities to `clip` (a confident mistake costs far more log loss than it saves),
-    sort by id, check against `expected_ids` (laid_out_test_ids: the test images on disk) and write
-    `id,label` atomically."""
+    sort by id, check against `expected_ids` (laid_out_test_ids: the test images on disk; 07: also the test
+    entries 01 saw but could not use, `against` says which) and write `id,label` atomically."""
     if not 0 <= clip[0] < clip[1] <= 1:
         raise CatDogError(f"clip range must satisfy 0 <= low < high <= 1, got {clip}")
     if len(ids) != len(probs):
@@ -292,6 +292,6 @@ def write_submission(ids: Sequence[int], probs: np.ndarray, path: str | Path, ex
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
     validate_submission(df, expected_ids, clip)
     write_csv(df, path)
-    log.info(f"wrote {path} ({len(df)} rows, checked against the test images on disk)")
+    log.info(f"wrote {path} ({len(df)} rows, checked against {against})")
     return df
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import derived_files, jpeg_bytes, run, script, tree_digest
 
+import catdog.checks
 import catdog.demo
 import helper
 from helper import CatDogError
@@ -98,8 +99,8 @@ def test_extra_data_reruns_follow_its_folder_and_content(tmp_path, caplog, monke
     run("01", "--data-dir", data, "--demo", 4, "--extra-data", pets)
     stamp = {p: os.lstat(data / p).st_mtime_ns for p in ["split.csv", "split.json", *derived_files(data)]}
     decoded = []
-    real = step01.check_image
-    monkeypatch.setattr(step01, "check_image", lambda path: decoded.append(path) or real(path))
+    real = catdog.checks.check_image
+    monkeypatch.setattr(catdog.checks, "check_image", lambda path: decoded.append(path) or real(path))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="catdog"):
         run("01", "--data-dir", data, "--extra-data", pets / "images")  # the same folder, named the other way

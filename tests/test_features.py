@@ -69,7 +69,7 @@ def test_feature_files_are_aligned_and_described(pipeline):
             assert np.isfinite(f["labelled"][:]).all()
     table = pipeline["extract"]
     assert table.backbone.tolist() == ["ResNet50", "InceptionV3", "Xception"]
-    assert (table.images == len(split) + 15).all()
+    assert (table.images == len(split) + 16).all()
 
 
 def test_features_equal_a_direct_predict(pipeline):

@@ -156,9 +156,9 @@ def test_maps_cache_is_aligned_float16_and_matches_02(pipeline, finetuned):
     split = pipeline["split"]
     with h5py.File(pipeline["data"] / "features" / f"{MAPS}.h5", "r") as f:
         assert f["labelled"].dtype == np.float16 and f["labelled"].shape == (len(split), 3, 3, 2048)
-        assert f["test"].shape == (15, 3, 3, 2048)
+        assert f["test"].shape == (16, 3, 3, 2048)
         assert f["labelled_files"][:].astype(str).tolist() == split.filename.tolist()
-        assert f["test_ids"][:].tolist() == list(range(1, 16))
+        assert f["test_ids"][:].tolist() == list(range(1, 17))
         assert f.attrs["complete"] and f.attrs["split_layer"] == "conv5_block2_out"
         assert f.attrs["dtype"] == "float16" and f.attrs["image_size"] == int(IMAGE_SIZE)
         maps = f["labelled"][:]
@@ -233,7 +233,7 @@ print(json.dumps(m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0).rave
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
     fresh = np.array(json.loads(out.strip().splitlines()[-1]))
     sub = run("07", *finetuned["args"], "--model", path, "--output", tmp_path / "sub.csv")
-    helper.validate_submission(pd.read_csv(tmp_path / "sub.csv"), range(1, 16), helper.CLIP)
+    helper.validate_submission(pd.read_csv(tmp_path / "sub.csv"), range(1, 17), helper.CLIP)
     np.testing.assert_allclose(sub.label, np.clip(fresh, *helper.CLIP), atol=1e-5)
     # The saved weights are the best epoch's (early stopping restored them): 07's val log loss shows it.
     model, _ = helper.load_model(path)
@@ -270,7 +270,7 @@ def test_full_mode_runs_from_augmented_images_and_07_reads_images(pipeline, tmp_
     assert not frozen  # only the last block (and the head) trained
     sub = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "sub.csv")
-    assert len(sub) == 15 and sub.label.between(*helper.CLIP).all()
+    assert len(sub) == 16 and sub.label.between(*helper.CLIP).all()
     # --tta: the mean of each image's and its mirror's predictions, computed here directly.
     tta = run("07", *d, "--model", model_dir / "finetune" / "ResNet50_full_random.keras",
               "--output", tmp_path / "tta.csv", "--tta")
@@ -350,7 +350,7 @@ def test_init_all_gives_every_variant_the_same_batches(pipeline, tmp_path, monke
     sequences = list(seen.values())
     assert len(sequences) == 3  # a fresh batch source per variant
     assert sequences[0] == sequences[1] == sequences[2]
-    assert set(sequences[0]) == {(e, k) for e in (0, 1) for k in range(3)}  # 48 train rows, batch 16
+    assert set(sequences[0]) == {(e, k) for e in (0, 1) for k in range(4)}  # 49 train rows, batch 16
     assert sequences[0][0, 0] != sequences[0][1, 0]  # a new order each epoch
 
 

@@ -122,7 +122,7 @@ def test_single_heads_table_models_and_logs(pipeline):
         hist = pd.read_csv(model_dir / f"{name}.history.csv")
         assert len(hist) == 10 and hist.val_loss.iloc[-1] == pytest.approx(results.set_index("model").val_loss[name])
         sub = pd.read_csv(pipeline["subs"] / f"{name}.csv")
-        helper.validate_submission(sub, range(1, 16), helper.CLIP)
+        helper.validate_submission(sub, range(1, 17), helper.CLIP)
     assert (model_dir / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -143,7 +143,7 @@ def test_merged_heads_table_and_models(pipeline):
 
 def test_submission_is_valid_and_beats_chance(pipeline):
     sub = pd.read_csv(pipeline["subs"] / "submission.csv")
-    helper.validate_submission(sub, range(1, 16), helper.CLIP)
+    helper.validate_submission(sub, range(1, 17), helper.CLIP)
     truth = pd.read_csv(pipeline["data"] / "demo_test_labels.csv")
     assert script("07").log_loss(truth.label, sub.label) < np.log(2)  # better than predicting 0.5 everywhere
     merged = pd.read_csv(pipeline["model"] / "merge" / "results.csv")
@@ -155,7 +155,7 @@ def test_submission_is_valid_and_beats_chance(pipeline):
 
 def test_analysis_outputs(pipeline):
     worst = pd.read_csv(pipeline["model"] / "analysis" / "worst.csv")
-    assert len(worst) == 60 and worst.error.is_monotonic_decreasing
+    assert len(worst) == 61 and worst.error.is_monotonic_decreasing
     assert np.allclose(worst.error, (worst.label - worst.prediction).abs())
     assert (pipeline["model"] / "analysis" / "worst.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -183,7 +183,7 @@ def test_predict_with_explicit_model_and_bad_input(pipeline, tmp_path):
     run("07", *d, "--model", pipeline["model"] / "single" / "ResNet50.keras", "--output", out, "--clip-low", 0.01,
         "--clip-high", 0.99)
     sub = pd.read_csv(out)
-    assert sub.label.between(0.01, 0.99).all() and len(sub) == 15
+    assert sub.label.between(0.01, 0.99).all() and len(sub) == 16
     with pytest.raises(CatDogError, match="not found"):
         run("07", *d, "--model", tmp_path / "nope.keras", "--output", out)
 

@@ -110,13 +110,13 @@ def test_blend_weights_reach_a_known_optimum():
     # -(log(0.5 + 0.4w) + log(0.9 - 0.4w)) / 2, lowest at w = 0.5.
     y = np.r_[np.ones(50), np.zeros(50)]
     preds = np.column_stack([np.where(y == 1, 0.9, 0.5), np.where(y == 1, 0.5, 0.1)])
-    w = s07().fit_blend(preds, y)
+    w = helper.fit_blend(preds, y)
     np.testing.assert_allclose(w, [0.5, 0.5], atol=1e-4)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400).astype(float)
     preds = np.column_stack([np.clip(y * 0.7 + rng.uniform(0, 0.3, 400), 0.01, 0.99) for _ in range(3)]
                             + [rng.uniform(size=400)])
-    w = s07().fit_blend(preds, y)
+    w = helper.fit_blend(preds, y)
     assert (w >= 0).all() and w.sum() == pytest.approx(1)
     best_single = min(sk_log_loss(y, preds[:, i]) for i in range(preds.shape[1]))
     assert sk_log_loss(y, preds @ w) <= best_single + 1e-12
@@ -127,12 +127,12 @@ def test_temperature_softens_overconfidence_and_leaves_calibrated_alone():
     rng = np.random.default_rng(1)
     true_p = rng.uniform(0.02, 0.98, 20000)
     y = (rng.uniform(size=true_p.size) < true_p).astype(float)
-    t = s07().fit_temperature(true_p, y)
+    t = helper.fit_temperature(true_p, y)
     assert t == pytest.approx(1, abs=0.05)  # already calibrated
-    overconfident = s07().scale_temperature(true_p, 1 / 3)  # logits x3
-    t = s07().fit_temperature(overconfident, y)
+    overconfident = helper.scale_temperature(true_p, 1 / 3)  # logits x3
+    t = helper.fit_temperature(overconfident, y)
     assert t == pytest.approx(3, rel=0.05)
-    assert sk_log_loss(y, s07().scale_temperature(overconfident, t)) < sk_log_loss(y, overconfident) - 0.05
+    assert sk_log_loss(y, helper.scale_temperature(overconfident, t)) < sk_log_loss(y, overconfident) - 0.05
 
 
 def test_clip_auto_picks_the_known_best_bound_within_its_limits():
@@ -142,9 +142,9 @@ def test_clip_auto_picks_the_known_best_bound_within_its_limits():
         y = np.ones(n)
         y[: int(f * n)] = 0
         return np.full(n, 0.9999), y
-    assert s07().auto_clip(*case(0.02)) == pytest.approx(0.02)
-    assert s07().auto_clip(*case(0.2)) == pytest.approx(0.05)  # never above 0.05
-    assert s07().auto_clip(*case(0.0)) == pytest.approx(0.001)  # never below 0.001
+    assert helper.auto_clip(*case(0.02)) == pytest.approx(0.02)
+    assert helper.auto_clip(*case(0.2)) == pytest.approx(0.05)  # never above 0.05
+    assert helper.auto_clip(*case(0.0)) == pytest.approx(0.001)  # never below 0.001
 
 
 def test_cross_fitted_rows_never_see_their_own_labels():
@@ -154,12 +154,12 @@ def test_cross_fitted_rows_never_see_their_own_labels():
     folds = helper.fold_assignment(y, 5, 0)
 
     def fit(p, labels):
-        return s07().fit_recipe(p, labels, calibrate=True, clip=None)
+        return helper.fit_recipe(p, labels, calibrate=True, clip=None)
 
-    before = s07().cross_fit(preds, y, folds, fit)
+    before = helper.cross_fit(preds, y, folds, fit)
     flipped = y.copy()
     flipped[folds == 0] = 1 - flipped[folds == 0]  # the labels of fold 0 change...
-    after = s07().cross_fit(preds, flipped, folds, fit)
+    after = helper.cross_fit(preds, flipped, folds, fit)
     for stage in before:  # ... and fold 0's predictions do not, while the other folds' do
         np.testing.assert_array_equal(before[stage][folds == 0], after[stage][folds == 0])
         assert not np.allclose(before[stage][folds != 0], after[stage][folds != 0])
@@ -184,15 +184,15 @@ def test_blend_of_kfold_models_is_fitted_and_judged_on_oof_rows(kfold, tmp_path)
     assert info["rows"] == len(rows) == len(helper.read_split(kfold["data"]))
     preds = np.column_stack([o.prediction.reindex(rows) for o in oofs])
     y = oofs[0].label.to_numpy(float)
-    recipe = s07().fit_recipe(preds, y, calibrate=True, clip=None)
+    recipe = helper.fit_recipe(preds, y, calibrate=True, clip=None)
     np.testing.assert_allclose(recipe.weights, w, atol=1e-6)
     assert recipe.temperature == pytest.approx(info["temperature"])
     tests = [pd.read_csv(kfold["model"] / s / n / "test.csv").prediction
              for s, n in (("single", names[0]), ("merge", names[1]))]
-    expected = np.clip(s07().scale_temperature(np.column_stack(tests) @ w, info["temperature"]), *info["clip"])
+    expected = np.clip(helper.scale_temperature(np.column_stack(tests) @ w, info["temperature"]), *info["clip"])
     np.testing.assert_allclose(sub.label, expected, atol=1e-6)
     folds = helper.fold_assignment(y, 5, helper.DEFAULT_SEED)
-    crossed = s07().cross_fit(preds, y, folds, lambda p, t: s07().fit_recipe(p, t, True, None))
+    crossed = helper.cross_fit(preds, y, folds, lambda p, t: helper.fit_recipe(p, t, True, None))
     assert info["oof_log_loss"] == pytest.approx(sk_log_loss(y, crossed["clipped"]), abs=1e-9)
     table = pd.read_csv(kfold["model"] / "blend" / "results.csv")
     assert sorted(table.model[:2]) == sorted(names) and table.model.iloc[2] == "blend"

@@ -163,7 +163,7 @@ def test_animated_gif_with_tf_decoder_gets_advice_that_helps(small_data, monkeyp
     frames = [Image.new("RGB", (40, 30), c) for c in ((200, 30, 30), (30, 200, 30))]
     gif = small_data / "train" / "dog.3.jpg"
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
-    assert script("01").check_image(gif)["problem"] == ""  # what 01 accepts
+    assert helper.check_image(gif)["problem"] == ""  # what 01 accepts
     with pytest.raises(CatDogError, match=r"cannot decode .*dog.3.jpg with --decoder tf .*animated GIF.*Pillow "
                                           r"reads it, so 01 keeps it: extract with --decoder pil.*or convert"):
         extract(small_data, "--decoder", "tf")

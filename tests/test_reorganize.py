@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, derived_files, jpeg_bytes, run, script, tree_digest
 
+import catdog.checks
 import catdog.demo
 import helper
 from helper import CatDogError
@@ -90,7 +91,7 @@ def test_shipped_exclude_list_names_the_reports_images():
 def test_check_image(tmp_path, content, problem, note):
     f = tmp_path / "cat.1.jpg"
     f.write_bytes(content())
-    info = script("01").check_image(f)
+    info = helper.check_image(f)
     assert (problem in info["problem"]) if problem else info["problem"] == ""
     assert (note in info["note"]) if note else info["note"] == ""
 
@@ -239,8 +240,8 @@ def test_rerun_with_odd_entries_decodes_nothing_and_leaves_the_check_cache_alone
     run("01", "--data-dir", tmp_path)
     stamp = {p: os.stat(tmp_path / p).st_mtime_ns for p in ("file_check.csv", "eda/sizes.png", "eda/aspect.png")}
     decoded = []
-    real = script("01").check_image
-    monkeypatch.setattr(script("01"), "check_image", lambda path: decoded.append(path) or real(path))
+    real = catdog.checks.check_image
+    monkeypatch.setattr(catdog.checks, "check_image", lambda path: decoded.append(path) or real(path))
     with caplog.at_level(logging.INFO, logger="catdog"):
         run("01", "--data-dir", tmp_path)
     assert "nothing changed" in caplog.text

@@ -96,17 +96,17 @@ def copied(pipeline, tmp_path):
 def test_a_test_folder_changed_after_extraction_is_refused(copied, tmp_path, change):
     test2 = copied["data"] / "test2" / "test"
     if change == "removed":
-        (test2 / "15.jpg").unlink()
+        (test2 / "16.jpg").unlink()
     else:
-        os.symlink(os.readlink(test2 / "15.jpg"), test2 / "16.jpg")
+        os.symlink(os.readlink(test2 / "16.jpg"), test2 / "17.jpg")
     with pytest.raises(CatDogError, match="test2/test no longer holds the .* test images 01 laid out"):
         run("07", *copied["d"], "--model", copied["model"] / "single" / "ResNet50.keras", "--output",
             tmp_path / "s.csv")
     # After 01 is rerun the split.json record matches, and the feature file is what is out of date.
     if change == "added":
-        (copied["data"] / "test" / "16.jpg").write_bytes((copied["data"] / "test" / "15.jpg").read_bytes())
+        (copied["data"] / "test" / "17.jpg").write_bytes((copied["data"] / "test" / "16.jpg").read_bytes())
     else:
-        (copied["data"] / "test" / "15.jpg").unlink()
+        (copied["data"] / "test" / "16.jpg").unlink()
     run("01", "--data-dir", copied["data"])
     with pytest.raises(CatDogError, match="test rows do not match .* test folder changed since: rerun 02"):
         run("07", *copied["d"], "--model", copied["model"] / "single" / "ResNet50.keras", "--output",
@@ -190,7 +190,7 @@ def test_two_processes_extracting_one_file_do_not_collide(copied):
     state = helper.feature_file_state(path)
     assert state["complete"] and state["image_size"] == 32
     with h5py.File(path, "r") as f:
-        assert f["labelled"].shape == (60, 512) and np.isfinite(f["labelled"][:]).all()
+        assert f["labelled"].shape == (61, 512) and np.isfinite(f["labelled"][:]).all()
     assert not list(path.parent.glob(".*partial*"))
 
 
