@@ -474,6 +474,7 @@ def ship_package(spark, folder: Path) -> None:
 def start_spark(master: str, folder: Path):
     """A Spark session whose workers can import helper and the catdog package (shipped as a zip from `folder`)."""
     try:
+        import pyspark  # noqa: F401  (first: pyspark.sql may be imported already while pyspark is missing)
         from pyspark.sql import SparkSession
     except ImportError as e:
         raise CatDogError("--spark needs pyspark: pip install -r requirements-spark.txt (Spark also needs "

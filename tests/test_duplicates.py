@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run, script
+from conftest import run
 
 import catdog.checks
 import helper
@@ -206,7 +206,7 @@ def test_a_group_of_a_cat_and_a_dog_goes_to_the_suspects_list(tmp_path, caplog):
     assert "1 holding a cat and a dog" in caplog.text
     lines = (tmp_path / helper.DUPLICATE_SUSPECTS).read_text().splitlines()
     assert [ln.split()[0] for ln in lines if not ln.startswith("#")] == ["cat.2.jpg", "dog.77.jpg"]
-    assert script("01").read_name_list(tmp_path / helper.DUPLICATE_SUSPECTS) == ["cat.2.jpg", "dog.77.jpg"]
+    assert helper.read_name_list(tmp_path / helper.DUPLICATE_SUSPECTS) == ["cat.2.jpg", "dog.77.jpg"]
 
 
 def test_test_names_that_cannot_be_kaggle_ids_get_a_clear_message_and_every_unusable_entry_is_recorded(

@@ -199,10 +199,13 @@ def test_a_head_on_bfloat16_features_refuses_float32_ones(pipeline, bf16, tmp_pa
     meta = helper.read_sidecar(bf16["head"])
     assert meta["feature_attrs"][0]["precision"] == "bfloat16" and meta["args"]["models"] == ["ResNet50"]
     assert run("07", *bf16["d"], "--model", bf16["head"], "--output", tmp_path / "ok.csv").label.notna().all()
-    shutil.copy(helper.feature_path(pipeline["data"], "ResNet50"), helper.feature_path(bf16["data"], "ResNet50"))
+    data = tmp_path / "data"  # a copy: the fixture's data keeps its bfloat16 features for the tests after this one
+    shutil.copytree(bf16["data"], data, symlinks=True)
+    shutil.copy(helper.feature_path(pipeline["data"], "ResNet50"), helper.feature_path(data, "ResNet50"))
     with pytest.raises(CatDogError, match=r"made with precision=bfloat16; .*ResNet50.h5 now gives "
                                           r"precision=float32: rerun 02_extract_features.py .*--precision bfloat16"):
-        run("07", *bf16["d"], "--model", bf16["head"], "--output", tmp_path / "sub.csv")
+        run("07", "--data-dir", data, "--model-dir", bf16["model"], "--model", bf16["head"],
+            "--output", tmp_path / "sub.csv")
 
 
 @pytest.mark.slow
