@@ -192,23 +192,12 @@ def load_candidate(path: Path, args, test_ids: np.ndarray, fingerprint: str) -> 
     """A K-fold folder's oof.csv and test.csv, or a saved model's predictions of the valid and test rows."""
     data_dir = Path(args.data_dir)
     if path.is_dir():
-        try:
-            summary = json.loads((path / helper.KFOLD_SUMMARY).read_text())
-            oof, test = pd.read_csv(path / helper.OOF_CSV), pd.read_csv(path / helper.TEST_CSV)
-            oof, test = oof[["filename", "label", "fold", "prediction"]], test[["id", "prediction"]]
-        except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:  # missing, garbled or foreign files
-            raise CatDogError(f"{path} is not a complete K-fold run ({type(e).__name__}: {str(e)[:120]}): rerun 03 or "
-                              f"05 with --folds") from e
-        if not isinstance(summary, dict) or summary.get("split_sha256") != fingerprint:
-            raise CatDogError(f"{path} was trained on another split ({helper.SPLIT_CSV} changed since: 01 was rerun): "
-                              f"retrain it with --folds, or leave it out of --blend")
+        _, oof, test = helper.read_kfold(path, fingerprint, test_ids)
         if args.tta:
             raise CatDogError(f"--tta: {path} is a K-fold model, whose stored test predictions have no views: "
                               f"drop --tta or leave it out of --blend")
-        if set(test.id) != set(test_ids.tolist()):
-            raise CatDogError(f"{path / helper.TEST_CSV} does not cover the test images on disk: retrain it")
         return Candidate(path.name, path, pd.Series(oof.prediction.to_numpy(), index=oof.filename.to_numpy()),
-                         test.set_index("id").prediction.reindex(test_ids).to_numpy(), True)
+                         test, True)
     model, meta = helper.load_model(path)
     check_judgeable(path, meta)
     if "split_sha256" not in meta:  # saved before sidecars recorded it

@@ -11,6 +11,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/features.py   extraction settings, the HDF5 feature cache, Features
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
   catdog/heads.py      head configs, building, fitting, saving and K-fold training of heads, results tables
+  catdog/finetune.py   end-to-end training from images: classifier, frozen BatchNorm, augmentation, phased fit
   catdog/models.py     saved models and sidecars, predictions of saved models, submissions
   catdog/kaggle_api.py Kaggle credentials and API calls
   catdog/cam.py        Grad-CAM and its overlays
@@ -23,9 +24,9 @@ imported inside the functions that need them, so the data step (01) and `-h` sta
 
 from catdog.common import (
     CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, TRAIN2, SPLITTED, TEST2, FEATURES, SINGLE_DIR,
-    FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, LOGS_DIR, ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV,
-    KFOLD_SUMMARY, OOF_CSV, TEST_CSV, EXPORT_DIR, EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO,
-    SIDECAR_KINDS, FINETUNE_FULL, PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE,
+    FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, STUDENT_DIR, LOGS_DIR, ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV,
+    KFOLD_SUMMARY, OOF_CSV, TEST_CSV, EXPORT_DIR, EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_TFLITE_INT8,
+    EXPORT_INFO, SIDECAR_KINDS, FINETUNE_FULL, PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE,
     PREDICT_BATCH, versions, progress, set_seed
 )
 from catdog.cli import (
@@ -47,7 +48,7 @@ from catdog.images import (
     find_undecodable, load_pixels
 )
 from catdog.backbones import (
-    Backbone, REPORT_BACKBONES, BACKBONES, get_backbone, resolve_weights
+    Backbone, REPORT_BACKBONES, STUDENTS, BACKBONES, get_backbone, resolve_weights
 )
 from catdog.features import (
     ExtractSettings, VIEW_SETTINGS, ROW_SETTINGS, LEGACY_NAMES, dataset, feature_path, feature_file_state,
@@ -61,9 +62,12 @@ from catdog.heads import (
     HeadConfig, Output, make_optimizer, build_head, view_sampler, tensorboard, fit, save_run, train_head,
     kfold_name, train_kfold, write_results
 )
+from catdog.finetune import (
+    all_layers, freeze_batchnorm, set_block_trainable, classifier, augmentation, image_data, fit_phases
+)
 from catdog.models import (
     save_model, SIDECAR_KEYS, load_model, read_sidecar, load_keras, check_trained_on, predict_images, predict_saved,
-    check_model_dir, pick_model, log_loss, validate_submission, write_submission
+    read_kfold, check_model_dir, pick_model, log_loss, validate_submission, write_submission
 )
 from catdog.kaggle_api import (
     KAGGLE_COMPETITION, KAGGLE_RULES, kaggle_credentials, kaggle_api, kaggle_call
@@ -78,11 +82,11 @@ from catdog.plots import (
 __all__ = [
     # common
     "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "TRAIN2", "SPLITTED", "TEST2",
-    "FEATURES", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR", "LOGS_DIR", "ANALYSIS_DIR", "BLEND_DIR",
-    "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "EXPORT_DIR", "EXPORT_KERAS",
-    "EXPORT_SAVED_MODEL", "EXPORT_TFLITE", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL", "PREDICTION_LAYER",
-    "POOL_LAYER", "CLIP", "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions", "progress",
-    "set_seed",
+    "FEATURES", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR", "STUDENT_DIR", "LOGS_DIR", "ANALYSIS_DIR",
+    "BLEND_DIR", "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "EXPORT_DIR", "EXPORT_KERAS",
+    "EXPORT_SAVED_MODEL", "EXPORT_TFLITE", "EXPORT_TFLITE_INT8", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL",
+    "PREDICTION_LAYER", "POOL_LAYER", "CLIP", "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions",
+    "progress", "set_seed",
     # cli
     "HelpFormatter", "number", "POSITIVE_INT", "NONNEGATIVE_INT", "POSITIVE", "PROBABILITY", "DROPOUT", "SEED",
     "base_parser", "run_cli", "head_args", "parse_head_args", "views_arg", "kfold_args", "clip_args", "clip_range",
@@ -98,7 +102,7 @@ __all__ = [
     "PIL_FILTERS", "INTERPOLATIONS", "DECODERS", "pil_filter", "VIEW_PARAMS", "view_params", "load_resized",
     "image_dataset", "find_undecodable", "load_pixels",
     # backbones
-    "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
+    "Backbone", "REPORT_BACKBONES", "STUDENTS", "BACKBONES", "get_backbone", "resolve_weights",
     # features
     "ExtractSettings", "VIEW_SETTINGS", "ROW_SETTINGS", "LEGACY_NAMES", "dataset", "feature_path", "feature_file_state",
     "setting_changes", "check_same_settings", "rebuild_command", "FeatureWriter", "image_parts", "rows_mismatch",
@@ -109,9 +113,12 @@ __all__ = [
     # heads
     "HeadConfig", "Output", "make_optimizer", "build_head", "view_sampler", "tensorboard", "fit", "save_run",
     "train_head", "kfold_name", "train_kfold", "write_results",
+    # finetune
+    "all_layers", "freeze_batchnorm", "set_block_trainable", "classifier", "augmentation", "image_data", "fit_phases",
     # models
     "save_model", "SIDECAR_KEYS", "load_model", "read_sidecar", "load_keras", "check_trained_on", "predict_images",
-    "predict_saved", "check_model_dir", "pick_model", "log_loss", "validate_submission", "write_submission",
+    "predict_saved", "read_kfold", "check_model_dir", "pick_model", "log_loss", "validate_submission",
+    "write_submission",
     # kaggle_api
     "KAGGLE_COMPETITION", "KAGGLE_RULES", "kaggle_credentials", "kaggle_api", "kaggle_call",
     # cam
