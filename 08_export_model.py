@@ -8,8 +8,12 @@ backbone (the weights of its features: ImageNet, or the same seeded random netwo
 global average pooling; then the head (`logit`, `p_dog`). predict.py stretches any photo to S x S with Pillow,
 as 02 did, so with S equal to the backbone size the exported model sees exactly 02's pixels.
 Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
+A student of 09 (one backbone end to end) is exported the same way, plus catdog_int8.tflite: full-integer int8
+(weights and activations, calibrated on training images; uint8 pixels in, builtin ops only); every format is
+checked against the student's own Keras predictions, and export.json records its teacher.
 """
 
+import contextlib
 import errno
 import os
 import shutil
@@ -35,6 +39,11 @@ def parse_args(argv=None):
                    help="test images on which the export is compared with the feature path (07's predictions)")
     p.add_argument("--max-diff", type=helper.PROBABILITY, default=0.02,
                    help="refuse to write an export whose P(dog) differs from 07's by more than this on those images")
+    p.add_argument("--int8-max-diff", type=helper.PROBABILITY, default=0.1,
+                   help="students: refuse an int8 TFLite whose P(dog) differs from the student's by more than this "
+                        "(activations rounded to 256 levels per tensor cost more than float16's weights)")
+    p.add_argument("--calibration-images", type=helper.POSITIVE_INT, default=100,
+                   help="students: training images (a seeded draw) that calibrate the int8 activations' ranges")
     helper.clip_args(p)
     args = p.parse_args(argv)
     helper.clip_range(p, args)
@@ -124,6 +133,30 @@ def preprocess(x, bb: helper.Backbone, name: str):
     return x
 
 
+@contextlib.contextmanager
+def phone_ops(bb: helper.Backbone):
+    """While building MobileNetV3, its hard-swish is written as (x / 6) * ReLU6(x + 3): the same function, in ops
+    that LiteRT's CPU delegate (XNNPACK) runs in int8. Keras's Activation("hard_swish") becomes TFLite's
+    HARD_SWISH, which XNNPACK does not take quantised: each of the 20 then splits the graph and runs in the slow
+    reference kernel (MobileNetV3Large int8: 44 ms instead of ~6 at 224 px). The layers that hold weights are the
+    same, so copy_weights still pairs them."""
+    if bb.module != "mobilenet_v3":
+        yield
+        return
+    import keras
+    from keras.src.applications import mobilenet_v3
+
+    def hard_swish(x):
+        relu6 = keras.layers.ReLU(6.0)(keras.layers.Rescaling(1.0, offset=3.0)(x))
+        return keras.layers.Multiply()([keras.layers.Rescaling(1.0 / 6.0)(x), relu6])
+
+    keras_own, mobilenet_v3.hard_swish = mobilenet_v3.hard_swish, hard_swish
+    try:
+        yield
+    finally:
+        mobilenet_v3.hard_swish = keras_own
+
+
 def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled: bool = True):
     """One backbone branch on the float image: resize, preprocess, the backbone (seeded as 02 built it: the
     same random network with --weights none), global average pooling. Returns (features or maps, backbone)."""
@@ -132,7 +165,8 @@ def branch(image, size_in: int, st: helper.ExtractSettings, weights: str, pooled
     x = image if size_in == st.image_size else resize(image, size_in, st.image_size, st.interpolation, bb.name)
     x = preprocess(x, bb, bb.name)
     helper.set_seed(st.seed)  # as 02 and 04 did right before building: same initializers, same random weights
-    net = bb.build(weights, st.image_size, pooling=None, input_tensor=x)
+    with phone_ops(bb):
+        net = bb.build(weights, st.image_size, pooling=None, input_tensor=x)
     maps = net.output
     return (keras.layers.GlobalAveragePooling2D(name=f"{bb.name}_{helper.POOL_LAYER}")(maps) if pooled else maps), net
 
@@ -184,11 +218,18 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None):
     return keras.Model(image, out, name="catdog"), size, settings
 
 
-def to_tflite(saved_model: Path, quantize: str) -> bytes:
-    """The SavedModel as TFLite flatbuffer bytes, builtin ops only (what LiteRT runs on a phone)."""
+def to_tflite(saved_model: Path, quantize: str, calibration: np.ndarray | None = None) -> bytes:
+    """The SavedModel as TFLite flatbuffer bytes, builtin ops only (what LiteRT runs on a phone). quantize "int8":
+    full-integer, its activations' ranges calibrated on `calibration` (uint8 images); the uint8 input stays the
+    raw pixels (a cast, then int8 inside), the output a float P(dog)."""
     import tensorflow as tf
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if quantize != "none":
+    if quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+    elif quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
@@ -199,7 +240,7 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
                            interpolation: str, n: int) -> float | None:
     """The largest |P(dog)| difference between the pixel model and 07's predictions (helper.predict_saved) on
     `n` test images, or None when the model's feature files are not there to compare with."""
-    if not n or meta["kind"] == "finetune_full":
+    if not n or meta["kind"] in (helper.FINETUNE_FULL, helper.STUDENT_DIR):
         return None
     try:
         _, probs = helper.predict_saved(model, meta, model_path, data_dir, ("test",))
@@ -212,15 +253,56 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
     return float(np.abs(got.ravel() - probs["test"][:n]).max())
 
 
-def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
-    """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
-    an interrupted or failed export never leaves a new model beside an old export.json."""
+def tflite_predict(path: Path, images: np.ndarray) -> np.ndarray:
+    """P(dog) of uint8 images by a TFLite file, one at a time as on a phone (LiteRT, 2 threads)."""
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(path), num_threads=2)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    probs = []
+    for image in images:
+        it.set_tensor(inp["index"], image[None])
+        it.invoke()
+        probs.append(float(it.get_tensor(out["index"]).ravel()[0]))
+    return np.asarray(probs)
+
+
+def check_student(folder: Path, images: np.ndarray, reference: np.ndarray, tolerance: dict[str, float]) -> dict:
+    """Each format's largest |P(dog)| difference from the student's own Keras predictions (`reference`, of the
+    uint8 `images`), refused above its `tolerance`."""
+    import tensorflow as tf
+    served = tf.saved_model.load(str(folder / helper.EXPORT_SAVED_MODEL))  # held: its variables die with it
+    got = {helper.EXPORT_KERAS: helper.load_keras(folder / helper.EXPORT_KERAS).predict(images, verbose=0),
+           helper.EXPORT_SAVED_MODEL: served.serve(images),
+           helper.EXPORT_TFLITE: tflite_predict(folder / helper.EXPORT_TFLITE, images),
+           helper.EXPORT_TFLITE_INT8: tflite_predict(folder / helper.EXPORT_TFLITE_INT8, images)}
+    diffs = {f: float(np.abs(np.asarray(p).ravel() - reference).max()) for f, p in got.items()}
+    for f, d in diffs.items():
+        log.info(f"{f}: P(dog) within {d:.2e} of the student's on {len(images)} test images "
+                 f"(tolerance {tolerance[f]})")
+        if d > tolerance[f]:
+            raise CatDogError(f"the exported {f}'s P(dog) differs from the student's by {d:.3f} (more than "
+                              f"{tolerance[f]}) on the test images: nothing written"
+                              + (" (raise --int8-max-diff to accept it)" if f == helper.EXPORT_TFLITE_INT8 else ""))
+    return diffs
+
+
+def write_export(pixels, out_dir: Path, quantize: str, info: dict, calibration: np.ndarray | None = None,
+                 check=None) -> None:
+    """catdog.keras, saved_model/, catdog.tflite (+ catdog_int8.tflite with `calibration`) and export.json, built
+    in a temp folder and swapped in whole: an interrupted or failed export never leaves a new model beside an old
+    export.json. `check(folder)` may refuse the files, or give entries for export.json."""
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
     try:
         tmp.mkdir(parents=True)
         pixels.save(tmp / helper.EXPORT_KERAS)
         pixels.export(str(tmp / helper.EXPORT_SAVED_MODEL), verbose=False)
         (tmp / helper.EXPORT_TFLITE).write_bytes(to_tflite(tmp / helper.EXPORT_SAVED_MODEL, quantize))
+        if calibration is not None:
+            (tmp / helper.EXPORT_TFLITE_INT8).write_bytes(to_tflite(tmp / helper.EXPORT_SAVED_MODEL, "int8",
+                                                                    calibration))
+        if check is not None:
+            info = {**info, **check(tmp)}
         helper.write_json(info, tmp / helper.EXPORT_INFO)
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -233,6 +315,27 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def student_checks(model, meta: dict, data_dir: Path, size: int, args) -> tuple[np.ndarray, object]:
+    """A student's int8 calibration images (a seeded draw of split.csv's train rows, as predict.py loads a photo)
+    and the check of every format against its own Keras predictions on --check test images."""
+    split = helper.read_split(data_dir)
+    train = np.asarray(helper.train_image_paths(data_dir, split))[(split.subset == "train").to_numpy()]
+    pick = np.sort(np.random.default_rng(args.seed).permutation(len(train))[:args.calibration_images])
+    interpolation = meta["feature_attrs"][0]["interpolation"]
+    calibration = np.stack([helper.load_pixels(p, size, interpolation) for p in train[pick]])
+    _, paths = helper.test_images(data_dir)
+    paths = paths[:max(1, args.check)]
+    images = np.stack([helper.load_pixels(p, size, interpolation) for p in paths])
+    reference = helper.predict_images(model, paths, meta)  # the student fed by 09's own pipeline
+    tolerance = {helper.EXPORT_KERAS: args.max_diff, helper.EXPORT_SAVED_MODEL: args.max_diff,
+                 helper.EXPORT_TFLITE: args.max_diff, helper.EXPORT_TFLITE_INT8: args.int8_max_diff}
+
+    def check(folder: Path) -> dict:
+        return {"max_diff_vs_student": check_student(folder, images, reference, tolerance),
+                "tolerance_vs_student": tolerance}
+    return calibration, check
 
 
 def main(args):
@@ -258,11 +361,18 @@ def main(args):
             "weights": args.weights or settings[0].weights, "clip": [args.clip_low, args.clip_high],
             "quantize": args.quantize, "max_diff_vs_features": diff, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
-    write_export(pixels, out_dir, args.quantize, info)
+    calibration = check = None
+    if meta["kind"] == helper.STUDENT_DIR:
+        info["teacher"] = meta.get("teacher")
+        calibration, check = student_checks(model, meta, Path(args.data_dir), size, args)
+    write_export(pixels, out_dir, args.quantize, info, calibration, check)
     sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
+    int8 = out_dir / helper.EXPORT_TFLITE_INT8
     log.info(f"wrote {out_dir}/: {helper.EXPORT_KERAS} ({sizes[helper.EXPORT_KERAS]:.1f} MiB), "
              f"{helper.EXPORT_SAVED_MODEL}/, {helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "
-             f"{args.quantize}), {helper.EXPORT_INFO}; input {size}x{size} RGB uint8")
+             f"{args.quantize}), " + (f"{int8.name} ({int8.stat().st_size / 2**20:.1f} MiB, int8), "
+                                      if int8.is_file() else "")
+             + f"{helper.EXPORT_INFO}; input {size}x{size} RGB uint8")
     return info
 
 
