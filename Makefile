@@ -29,7 +29,7 @@ demo:
 	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
 		--model $(DEMO)/model/export/catdog.tflite --json
 	$(PY) 09_distill_student.py $(D) --teacher $(DEMO)/submissions/blend.json --student MobileNetV3Small \
-		--weights none --image-size 64 --epochs 3 $(HEAD)
+		--weights none --image-size 64 --epochs 2 --warmup-epochs 0 $(HEAD)
 	$(PY) 08_export_model.py $(D) --model $(DEMO)/model/student/MobileNetV3Small.keras \
 		--out-dir $(DEMO)/model/export_student --calibration-images 20 --check 8
 	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg \
