@@ -109,48 +109,10 @@ def maps_name(backbone: str, layer: str) -> str:
     return f"{backbone}_{layer}_maps"
 
 
-def all_layers(model):
-    """Every layer inside `model`, those of nested models too, each before its own layers."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(getattr(layer, "layers", None), list):  # a nested Model or Sequential
-            yield from all_layers(layer)
-
-
-def freeze_batchnorm(model) -> int:
-    """Run every BatchNormalization layer (nested ones too) in inference mode with fixed statistics.
-
-    `trainable = False` is what Keras 3 honours during fit(); `training=False` in a functional graph is
-    not (keras-team/keras#20285). Call it after any `trainable = True`, which would turn them back on.
-    Returns how many layers were frozen.
-    """
-    import keras
-    bns = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in bns:
-        layer.trainable = False
-    return len(bns)
-
-
-def set_block_trainable(model, base, block, train_block: bool) -> None:
-    """Only `block`'s layers of `base` train (when `train_block`), everything outside `base` (the head)
-    trains, BatchNorm never does. Recompile the model afterwards."""
-    model.trainable = True
-    inside = set(map(id, block))
-    for layer in all_layers(base):
-        layer.trainable = train_block and id(layer) in inside
-    freeze_batchnorm(model)
-
-
-def classifier(base, input_shape, input_name: str, dropout: float, name: str):
-    """base (the tail, or the whole backbone in --mode full), which ends in the backbone's pooled features as 02
-    extracts them (Keras's pooling, ConvNeXt's LayerNorm included) -> Dropout -> Dense(1, sigmoid)."""
-    import keras
-    inp = keras.Input(input_shape, name=input_name)
-    x = base(inp)
-    x = keras.layers.Dropout(dropout)(x)
-    # float32 under a mixed policy too (as Keras's mixed-precision guide says): a stable sigmoid and loss.
-    out = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=helper.PREDICTION_LAYER)(x)
-    return keras.Model(inp, out, name=name)
+# The end-to-end training pieces live in catdog/finetune.py (09 trains its student with them); their names here
+# are those this step has always had.
+all_layers, freeze_batchnorm, augmentation = helper.all_layers, helper.freeze_batchnorm, helper.augmentation
+set_block_trainable, classifier = helper.set_block_trainable, helper.classifier
 
 
 # ----------------------------------------------------------------------------- the maps cache
@@ -325,35 +287,14 @@ def map_data(source: MapRows, split: pd.DataFrame, args):
 
 # ----------------------------------------------------------------------------- --mode full
 
-def augmentation(seed: int):
-    """Random flip, rotation, zoom, shift and shear as Keras preprocessing layers, for training images only.
-
-    Ranges are those of Keras's own cats-vs-dogs example (rotation 40 degrees, 20% zoom/shift/shear).
-    """
-    import keras
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(40 / 360, seed=seed + 1),
-        keras.layers.RandomZoom(0.2, seed=seed + 2),
-        keras.layers.RandomTranslation(0.2, 0.2, seed=seed + 3),
-        keras.layers.RandomShear(0.2, 0.2, seed=seed + 4),
-    ], name="augment")
-
-
 def image_data(split: pd.DataFrame, settings: helper.ExtractSettings, args):
     """Fresh augmented, reshuffled training images and untouched validation images (seed first for the
     same order and augmentations in every variant)."""
-    helper.set_seed(args.seed)
-    bb = helper.get_backbone(settings.backbone)
     paths = np.asarray(helper.train_image_paths(args.data_dir, split))
     valid = (split.subset == "valid").to_numpy()
     labels = split.label.to_numpy(np.float32)
-    common = {"size": settings.image_size, "batch_size": args.batch_size, "interpolation": settings.interpolation,
-              "decoder": settings.decoder, "preprocess": bb.preprocess}
-    train = helper.image_dataset(paths[~valid], labels=labels[~valid], shuffle_seed=args.seed,
-                                 augment=augmentation(args.seed), **common)
-    val = helper.image_dataset(paths[valid], labels=labels[valid], **common)
-    return train, val
+    return helper.image_data(paths[~valid], labels[~valid], paths[valid], labels[valid], settings, args.batch_size,
+                             args.seed)
 
 
 # ----------------------------------------------------------------------------- training
@@ -376,36 +317,6 @@ def baseline_head(model_dir: Path, settings: helper.ExtractSettings):
                                "this run", "run 04 with the head's settings, or retrain 03 with these",
                                NETWORK_SETTINGS)
     return head.get_layer(helper.PREDICTION_LAYER).get_weights()
-
-
-def fit_phases(model, base, block, train, val, args, config: helper.HeadConfig, log_dir: Path, init: str
-               ) -> tuple[pd.DataFrame, int]:
-    """The report's schedule: (warmup: head alone first), then block + head with early stopping.
-
-    Returns the history (with a `phase` column) and the epoch whose weights the model now holds."""
-    import keras
-    tb = helper.tensorboard(log_dir)
-    warmup = min(args.warmup_epochs, config.epochs - 1) if init == "warmup" else 0
-    if init == "warmup" and warmup < args.warmup_epochs:
-        log.info(f"warmup shortened to {warmup} epoch(s) to fit --epochs {config.epochs}")
-    stop = keras.callbacks.EarlyStopping("val_loss", patience=args.patience, restore_best_weights=True, verbose=1)
-    # tf.data (--mode full) reshuffles per iteration from its seed by itself; the maps batches need telling.
-    order = [epoch_order(train)] if hasattr(train, "set_epoch") else []
-    histories = []
-    for phase, first, last in (("head", 0, warmup), ("block", warmup, config.epochs)):
-        if last <= first:
-            continue
-        set_block_trainable(model, base, block, phase == "block")  # BatchNorm frozen last, every time
-        # A fresh optimizer per phase, as the report's two compile() calls had.
-        model.compile(config.make_optimizer(), "binary_crossentropy", metrics=["accuracy"])
-        log.info(f"{model.name}: epochs {first + 1}-{last}, " + ("block + head" if phase == "block" else "head only")
-                 + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights")
-        h = helper.fit(model, train, val, last, [tb, *order] + ([stop] if phase == "block" else []),
-                       initial_epoch=first)
-        h.insert(1, "phase", phase)
-        histories.append(h)
-    # Early stopping restored its best epoch's weights (Keras passes absolute epoch numbers, 0-based).
-    return pd.concat(histories, ignore_index=True), stop.best_epoch + 1
 
 
 def main(args):
@@ -457,7 +368,11 @@ def finetune(args):
             if init == "baseline":
                 model.get_layer(helper.PREDICTION_LAYER).set_weights(head_weights)
             read0, start = source.read_seconds if source else 0.0, time.perf_counter()
-            hist, saved_epoch = fit_phases(model, base, tail.layers, train, val, args, config, out.log_dir(name), init)
+            # tf.data (--mode full) reshuffles per iteration from its seed by itself; the maps batches need telling.
+            order = [epoch_order(train)] if hasattr(train, "set_epoch") else []
+            hist, saved_epoch = helper.fit_phases(model, base, tail.layers, train, val, config, out.log_dir(name),
+                                                  args.warmup_epochs if init == "warmup" else 0, args.patience,
+                                                  callbacks=order)
             read_share = (source.read_seconds - read0) / (time.perf_counter() - start) if source else float("nan")
             if source:
                 log.info(f"reading maps from {'RAM' if source.in_ram else 'HDF5'}: {100 * read_share:.1f}% "

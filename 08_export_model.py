@@ -14,8 +14,12 @@ offset, the encoder and its feature; a model mixing CNN and encoder branches is 
 both resizes), and where the TFLite converter refuses an encoder the export has no catdog.tflite and export.json
 says why (tflite_refused).
 Writes model/export/catdog.keras, saved_model/ (TF Serving), catdog.tflite and export.json.
+A student of 09 (one backbone end to end) is exported the same way, plus catdog_int8.tflite: full-integer int8
+(weights and activations, calibrated on training images; uint8 pixels in, builtin ops only); every format is
+checked against the student's own Keras predictions, and export.json records its teacher.
 """
 
+import contextlib
 import errno
 import os
 import shutil
@@ -43,6 +47,11 @@ def parse_args(argv=None):
                    help="test images on which the export is compared with the feature path (07's predictions)")
     p.add_argument("--max-diff", type=helper.PROBABILITY, default=0.02,
                    help="refuse to write an export whose P(dog) differs from 07's by more than this on those images")
+    p.add_argument("--int8-max-diff", type=helper.PROBABILITY, default=0.1,
+                   help="students: refuse an int8 TFLite whose P(dog) differs from the student's by more than this "
+                        "(activations rounded to 256 levels per tensor cost more than float16's weights)")
+    p.add_argument("--calibration-images", type=helper.POSITIVE_INT, default=100,
+                   help="students: training images (a seeded draw) that calibrate the int8 activations' ranges")
     helper.clip_args(p)
     args = p.parse_args(argv)
     helper.clip_range(p, args)
@@ -158,6 +167,30 @@ def preprocess(x, bb: helper.Backbone, name: str):
     return x
 
 
+@contextlib.contextmanager
+def phone_ops(bb: helper.Backbone):
+    """While building MobileNetV3, its hard-swish is written as (x / 6) * ReLU6(x + 3): the same function, in ops
+    that LiteRT's CPU delegate (XNNPACK) runs in int8. Keras's Activation("hard_swish") becomes TFLite's
+    HARD_SWISH, which XNNPACK does not take quantised: each of the 20 then splits the graph and runs in the slow
+    reference kernel (MobileNetV3Large int8: 44 ms instead of ~6 at 224 px). The layers that hold weights are the
+    same, so copy_weights still pairs them."""
+    if bb.module != "mobilenet_v3":
+        yield
+        return
+    import keras
+    from keras.src.applications import mobilenet_v3
+
+    def hard_swish(x):
+        relu6 = keras.layers.ReLU(6.0)(keras.layers.Rescaling(1.0, offset=3.0)(x))
+        return keras.layers.Multiply()([keras.layers.Rescaling(1.0 / 6.0)(x), relu6])
+
+    keras_own, mobilenet_v3.hard_swish = mobilenet_v3.hard_swish, hard_swish
+    try:
+        yield
+    finally:
+        mobilenet_v3.hard_swish = keras_own
+
+
 def branch(image, size_in: int, st: helper.ExtractSettings, weights: str):
     """One backbone branch on the float image: resize, preprocess, the backbone (seeded as 02 built it: the
     same random network with --weights none) with Keras's pooling, as 02 extracted and 04 fine-tuned it.
@@ -170,7 +203,8 @@ def branch(image, size_in: int, st: helper.ExtractSettings, weights: str):
         import keras
         net = bb.build(weights, st.image_size)
         return keras.layers.Identity(name=f"{bb.name}_{helper.POOL_LAYER}")(net(x)), net
-    net = bb.build(weights, st.image_size, input_tensor=x, pool_name=f"{bb.name}_{helper.POOL_LAYER}")
+    with phone_ops(bb):
+        net = bb.build(weights, st.image_size, input_tensor=x, pool_name=f"{bb.name}_{helper.POOL_LAYER}")
     return net.output, net
 
 
@@ -220,11 +254,18 @@ def pixel_model(model, meta: dict, model_path: Path, weights: str | None, precis
     return keras.Model(image, out, name="catdog"), size, settings
 
 
-def to_tflite(saved_model: Path, quantize: str) -> bytes:
-    """The SavedModel as TFLite flatbuffer bytes, builtin ops only (what LiteRT runs on a phone)."""
+def to_tflite(saved_model: Path, quantize: str, calibration: np.ndarray | None = None) -> bytes:
+    """The SavedModel as TFLite flatbuffer bytes, builtin ops only (what LiteRT runs on a phone). quantize "int8":
+    full-integer, its activations' ranges calibrated on `calibration` (uint8 images); the uint8 input stays the
+    raw pixels (a cast, then int8 inside), the output a float P(dog)."""
     import tensorflow as tf
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if quantize != "none":
+    if quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+    elif quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
@@ -233,7 +274,8 @@ def to_tflite(saved_model: Path, quantize: str) -> bytes:
 
 def compared(meta: dict, data_dir: Path, n: int) -> bool:
     """Whether the export is compared with the feature path: a head, --check images, and a data dir to do it in."""
-    return bool(n) and meta["kind"] != "finetune_full" and (data_dir / helper.SPLIT_CSV).is_file()
+    return bool(n) and meta["kind"] not in (helper.FINETUNE_FULL, helper.STUDENT_DIR) and (
+        data_dir / helper.SPLIT_CSV).is_file()
 
 
 def photo_pixels(path, size: int, interpolation: str, meta: dict) -> np.ndarray:
@@ -262,7 +304,8 @@ def check_against_features(pixels, model, meta: dict, model_path: Path, data_dir
     return float(np.abs(got.ravel() - probs["test"][:n]).max()), n
 
 
-EXPORT_FILES = (helper.EXPORT_KERAS, helper.EXPORT_SAVED_MODEL, helper.EXPORT_TFLITE, helper.EXPORT_INFO)
+EXPORT_FILES = (helper.EXPORT_KERAS, helper.EXPORT_SAVED_MODEL, helper.EXPORT_TFLITE, helper.EXPORT_TFLITE_INT8,
+                helper.EXPORT_INFO)
 
 
 def check_out_dir(out_dir: Path) -> Path:
@@ -289,13 +332,48 @@ def check_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None,
-                 tflite_optional: bool = False) -> None:
+def tflite_predict(path: Path, images: np.ndarray) -> np.ndarray:
+    """P(dog) of uint8 images by a TFLite file, one at a time as on a phone (LiteRT, 2 threads)."""
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(path), num_threads=2)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    probs = []
+    for image in images:
+        it.set_tensor(inp["index"], image[None])
+        it.invoke()
+        probs.append(float(it.get_tensor(out["index"]).ravel()[0]))
+    return np.asarray(probs)
+
+
+def check_student(folder: Path, images: np.ndarray, reference: np.ndarray, tolerance: dict[str, float]) -> dict:
+    """Each format's largest |P(dog)| difference from the student's own Keras predictions (`reference`, of the
+    uint8 `images`), refused above its `tolerance`."""
+    import tensorflow as tf
+    served = tf.saved_model.load(str(folder / helper.EXPORT_SAVED_MODEL))  # held: its variables die with it
+    got = {helper.EXPORT_KERAS: helper.load_keras(folder / helper.EXPORT_KERAS).predict(images, verbose=0),
+           helper.EXPORT_SAVED_MODEL: served.serve(images),
+           helper.EXPORT_TFLITE: tflite_predict(folder / helper.EXPORT_TFLITE, images),
+           helper.EXPORT_TFLITE_INT8: tflite_predict(folder / helper.EXPORT_TFLITE_INT8, images)}
+    diffs = {f: float(np.abs(np.asarray(p).ravel() - reference).max()) for f, p in got.items()}
+    for f, d in diffs.items():
+        log.info(f"{f}: P(dog) within {d:.2e} of the student's on {len(images)} test images "
+                 f"(tolerance {tolerance[f]})")
+        if d > tolerance[f]:
+            raise CatDogError(f"the exported {f}'s P(dog) differs from the student's by {d:.3f} (more than "
+                              f"{tolerance[f]}) on the test images: nothing written"
+                              + (" (raise --int8-max-diff to accept it)" if f == helper.EXPORT_TFLITE_INT8 else ""))
+    return diffs
+
+
+def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None, tflite_optional: bool = False,
+                 calibration: np.ndarray | None = None, check=None) -> None:
     """catdog.keras, saved_model/, catdog.tflite and export.json, built in a temp folder and swapped in whole:
     an interrupted or failed export never leaves a new model beside an old export.json. Only a new folder, an empty
     one or a previous export is replaced (check_out_dir). `float32`: the float32 twin of a bfloat16 or float16
     `pixels`, which the TFLite file is converted from. With `tflite_optional` (encoders), a TFLite conversion that
-    fails is left out and its reason recorded in export.json."""
+    fails is left out and its reason recorded in export.json. With `calibration` (students), also
+    catdog_int8.tflite; `check(folder)` may refuse the files, or give entries for export.json."""
     out_dir = check_out_dir(out_dir)
     helper.remove_stale_temps(out_dir.parent, f".{out_dir.name}.*")  # a killed export's folders (GBs)
     tmp, old = helper.temp_name(out_dir), helper.temp_name(out_dir)
@@ -315,8 +393,12 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None,
             info["tflite_refused"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning(f"no {helper.EXPORT_TFLITE}: the TFLite converter refused the encoder "
                         f"({info['tflite_refused']})")
+        if calibration is not None:
+            (tmp / helper.EXPORT_TFLITE_INT8).write_bytes(to_tflite(source, "int8", calibration))
         if source.name != helper.EXPORT_SAVED_MODEL:
             shutil.rmtree(source)
+        if check is not None:
+            info = {**info, **check(tmp)}
         helper.write_json(info, tmp / helper.EXPORT_INFO)
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -329,6 +411,27 @@ def write_export(pixels, out_dir: Path, quantize: str, info: dict, float32=None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def student_checks(model, meta: dict, data_dir: Path, size: int, args) -> tuple[np.ndarray, object]:
+    """A student's int8 calibration images (a seeded draw of split.csv's train rows, as predict.py loads a photo)
+    and the check of every format against its own Keras predictions on --check test images."""
+    split = helper.read_split(data_dir)
+    train = np.asarray(helper.train_image_paths(data_dir, split))[(split.subset == "train").to_numpy()]
+    pick = np.sort(np.random.default_rng(args.seed).permutation(len(train))[:args.calibration_images])
+    interpolation = meta["feature_attrs"][0]["interpolation"]
+    calibration = np.stack([helper.load_pixels(p, size, interpolation) for p in train[pick]])
+    _, paths = helper.test_images(data_dir)
+    paths = paths[:max(1, args.check)]
+    images = np.stack([helper.load_pixels(p, size, interpolation) for p in paths])
+    reference = helper.predict_images(model, paths, meta)  # the student fed by 09's own pipeline
+    tolerance = {helper.EXPORT_KERAS: args.max_diff, helper.EXPORT_SAVED_MODEL: args.max_diff,
+                 helper.EXPORT_TFLITE: args.max_diff, helper.EXPORT_TFLITE_INT8: args.int8_max_diff}
+
+    def check(folder: Path) -> dict:
+        return {"max_diff_vs_student": check_student(folder, images, reference, tolerance),
+                "tolerance_vs_student": tolerance}
+    return calibration, check
 
 
 def main(args):
@@ -364,14 +467,21 @@ def main(args):
             "args": vars(args), "pillow": PIL.__version__, **helper.versions()}
     encoder = resize_of(settings[0]) != "pillow"
     info["pixels"] = f"encoder:{settings[0].backbone}" if encoder else "pillow"  # how predict.py makes the input
-    write_export(pixels, out_dir, args.quantize, info, float32, tflite_optional=encoder)
+    calibration = check = None
+    if meta["kind"] == helper.STUDENT_DIR:
+        info["teacher"] = meta.get("teacher")
+        calibration, check = student_checks(model, meta, Path(args.data_dir), size, args)
+    write_export(pixels, out_dir, args.quantize, info, float32, tflite_optional=encoder, calibration=calibration,
+                 check=check)
     sizes = {f: (out_dir / f).stat().st_size / 2**20 if (out_dir / f).is_file() else 0.0
              for f in (helper.EXPORT_KERAS, helper.EXPORT_TFLITE)}
+    int8 = out_dir / helper.EXPORT_TFLITE_INT8
     log.info(f"wrote {out_dir}/: {helper.EXPORT_KERAS} ({sizes[helper.EXPORT_KERAS]:.1f} MiB), "
              f"{helper.EXPORT_SAVED_MODEL}/, " + (f"{helper.EXPORT_TFLITE} ({sizes[helper.EXPORT_TFLITE]:.1f} MiB, "
-             f"{args.quantize}), " if "tflite_refused" not in info else "") + f"{helper.EXPORT_INFO}; input "
-             f"{size}x{size} RGB uint8" + (f" (the photo as {settings[0].backbone}'s converter resizes it)"
-                                           if encoder else ""))
+             f"{args.quantize}), " if "tflite_refused" not in info else "")
+             + (f"{int8.name} ({int8.stat().st_size / 2**20:.1f} MiB, int8), " if int8.is_file() else "")
+             + f"{helper.EXPORT_INFO}; input {size}x{size} RGB uint8"
+             + (f" (the photo as {settings[0].backbone}'s converter resizes it)" if encoder else ""))
     return info
 
 

@@ -28,9 +28,16 @@ demo:
 		--model $(DEMO)/model/export/catdog.keras --cam $(DEMO)/cam
 	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg $(DEMO)/data/test/3.jpg \
 		--model $(DEMO)/model/export/catdog.tflite --json
+	$(PY) 09_distill_student.py $(D) --teacher $(DEMO)/submissions/blend.json --student MobileNetV3Small \
+		--weights none --image-size 64 --epochs 2 --warmup-epochs 0 $(HEAD)
+	$(PY) 08_export_model.py $(D) --model $(DEMO)/model/student/MobileNetV3Small.keras \
+		--out-dir $(DEMO)/model/export_student --calibration-images 20 --check 8
+	$(PY) predict.py $(DEMO)/data/test/1.jpg $(DEMO)/data/test/2.jpg \
+		--model $(DEMO)/model/export_student/catdog_int8.tflite --json
 	@echo "demo done: $(DEMO)/submissions/submission.csv (the report's path), blend.csv (+ blend.json: 3-fold heads"
 	@echo "blended, calibrated, clipped), tta.csv; suspects in $(DEMO)/model/analysis/suspects.txt; Grad-CAM overlays"
-	@echo "in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/"
+	@echo "in $(DEMO)/cam/ and $(DEMO)/model/analysis/cam/; a MobileNetV3Small distilled from blend.json, exported"
+	@echo "(float16 and int8 TFLite among its formats) in $(DEMO)/model/export_student/"
 
 # Every test, slow ones included: what CI runs.
 test:

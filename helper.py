@@ -16,6 +16,7 @@ pipeline order. A step imports `helper` and calls `helper.NAME`; NAME lives in t
   catdog/epochs.py     the whole-epoch training loop (the one place that touches Keras internals)
   catdog/pseudo.py     pseudo-labels of an earlier round's test predictions (03/05 --pseudo), K-fold honest
   catdog/heads.py      head configs, building, fitting, saving and K-fold training of heads, results tables
+  catdog/finetune.py   end-to-end training from images: classifier, frozen BatchNorm, augmentation, phased fit
   catdog/models.py     saved models and sidecars, predictions of saved models, submissions
   catdog/blend.py      07's recipe: blend weights, temperature, clip bound, cross-fitted on honest rows
   catdog/kaggle_api.py Kaggle credentials and API calls, the download of the competition's data
@@ -26,18 +27,16 @@ What only one step uses lives in that step's script. Importing helper does no wo
 imported inside the functions that need them, so the data step (01) and `-h` stay fast.
 """
 
-
 from catdog.common import (
     CatDogError, log, DEFAULT_SEED, CLASSES, SPLIT_CSV, SPLIT_META, DUPLICATES_CSV, DUPLICATE_SUSPECTS, TRAIN2,
-    SPLITTED, TEST2, FEATURES, DATA_LOCK, SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, LOGS_DIR, ANALYSIS_DIR,
-    BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV, KFOLD_SUMMARY, OOF_CSV, TEST_CSV, TEST_FOLDS_CSV, EXPORT_DIR, EXPORT_KERAS,
-    EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO,
-    SIDECAR_KINDS, FINETUNE_FULL, PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE,
-    PREDICT_BATCH, versions, progress, set_seed
+    SPLITTED, TEST2, FEATURES, DATA_LOCK, SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR, STUDENT_DIR, LOGS_DIR,
+    ANALYSIS_DIR, BLEND_DIR, HYPEROPT_BEST, RESULTS_CSV, KFOLD_SUMMARY, OOF_CSV, TEST_CSV, TEST_FOLDS_CSV, EXPORT_DIR,
+    EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_TFLITE_INT8, EXPORT_INFO, SIDECAR_KINDS, FINETUNE_FULL,
+    PREDICTION_LAYER, POOL_LAYER, CLIP, LOG_EPS, LOGIT_EPS, SUSPECT_SHARE, PREDICT_BATCH, versions, progress, set_seed
 )
 from catdog.cli import (
-    HelpFormatter, number, POSITIVE_INT, NONNEGATIVE_INT, POSITIVE, PROBABILITY, DROPOUT, SEED, base_parser,
-    run_cli, precision_args, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
+    HelpFormatter, number, POSITIVE_INT, NONNEGATIVE_INT, POSITIVE, PROBABILITY, DROPOUT, SEED, base_parser, run_cli,
+    precision_args, head_args, parse_head_args, views_arg, kfold_args, clip_args, clip_range
 )
 from catdog.files import (
     temp_name, check_writable_target, atomic_path, write_csv, write_json, read_json, file_sha256, remove_stale_temps,
@@ -66,7 +65,7 @@ from catdog.encoders import (
     Encoder, ENCODERS
 )
 from catdog.backbones import (
-    Backbone, REPORT_BACKBONES, BACKBONES, get_backbone, resolve_weights
+    Backbone, REPORT_BACKBONES, STUDENTS, BACKBONES, get_backbone, resolve_weights
 )
 from catdog.precision import (
     PRECISIONS, PRECISION_CHOICES, KERAS_POLICY, cpu_flags, gpu_capabilities, resolve_precision, precision_policy,
@@ -84,12 +83,15 @@ from catdog.pseudo import (
     fold_fingerprint, Pseudo, load_pseudo, pseudo_for
 )
 from catdog.heads import (
-    HeadConfig, Output, make_optimizer, build_head, view_sampler, tensorboard, fit, save_run, train_head,
-    kfold_name, train_kfold, write_results
+    HeadConfig, Output, make_optimizer, build_head, view_sampler, tensorboard, fit, save_run, train_head, kfold_name,
+    train_kfold, write_results
+)
+from catdog.finetune import (
+    all_layers, freeze_batchnorm, set_block_trainable, classifier, augmentation, image_data, fit_phases
 )
 from catdog.models import (
     save_model, MODEL_SHA256, write_sidecar, SIDECAR_KEYS, load_model, read_sidecar, folder_problem, load_keras,
-    check_split, check_trained_on, predict_images, predict_saved, check_model_dir, pick_model, log_loss,
+    check_split, check_trained_on, predict_images, predict_saved, read_kfold, check_model_dir, pick_model, log_loss,
     validate_submission, write_submission
 )
 from catdog.blend import (
@@ -107,18 +109,16 @@ from catdog.plots import (
 
 __all__ = [
     # common
-    "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "DUPLICATES_CSV",
-    "DUPLICATE_SUSPECTS", "TRAIN2", "SPLITTED", "TEST2", "FEATURES", "DATA_LOCK", "SINGLE_DIR", "FINETUNE_DIR",
-    "MERGE_DIR", "HYPEROPT_DIR", "LOGS_DIR", "ANALYSIS_DIR", "BLEND_DIR",
-    "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV", "TEST_CSV", "TEST_FOLDS_CSV", "EXPORT_DIR",
-    "EXPORT_KERAS",
-    "EXPORT_SAVED_MODEL", "EXPORT_TFLITE", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL", "PREDICTION_LAYER",
-    "POOL_LAYER", "CLIP", "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions", "progress",
-    "set_seed",
+    "CatDogError", "log", "DEFAULT_SEED", "CLASSES", "SPLIT_CSV", "SPLIT_META", "DUPLICATES_CSV", "DUPLICATE_SUSPECTS",
+    "TRAIN2", "SPLITTED", "TEST2", "FEATURES", "DATA_LOCK", "SINGLE_DIR", "FINETUNE_DIR", "MERGE_DIR", "HYPEROPT_DIR",
+    "STUDENT_DIR", "LOGS_DIR", "ANALYSIS_DIR", "BLEND_DIR", "HYPEROPT_BEST", "RESULTS_CSV", "KFOLD_SUMMARY", "OOF_CSV",
+    "TEST_CSV", "TEST_FOLDS_CSV", "EXPORT_DIR", "EXPORT_KERAS", "EXPORT_SAVED_MODEL", "EXPORT_TFLITE",
+    "EXPORT_TFLITE_INT8", "EXPORT_INFO", "SIDECAR_KINDS", "FINETUNE_FULL", "PREDICTION_LAYER", "POOL_LAYER", "CLIP",
+    "LOG_EPS", "LOGIT_EPS", "SUSPECT_SHARE", "PREDICT_BATCH", "versions", "progress", "set_seed",
     # cli
     "HelpFormatter", "number", "POSITIVE_INT", "NONNEGATIVE_INT", "POSITIVE", "PROBABILITY", "DROPOUT", "SEED",
-    "base_parser", "run_cli", "precision_args", "head_args", "parse_head_args", "views_arg", "kfold_args",
-    "clip_args", "clip_range",
+    "base_parser", "run_cli", "precision_args", "head_args", "parse_head_args", "views_arg", "kfold_args", "clip_args",
+    "clip_range",
     # files
     "temp_name", "check_writable_target", "atomic_path", "write_csv", "write_json", "read_json", "file_sha256",
     "remove_stale_temps", "no_space", "plain_name", "exclusive_lock", "inside", "check_outputs", "to_plain",
@@ -126,12 +126,10 @@ __all__ = [
     # data
     "parse_train_name", "parse_test_name", "read_name_list", "TEST_ID_MAX", "test_entry_id", "test_name_problem",
     "SPLIT_COLUMNS", "SOURCES", "read_split", "train_image_paths", "test_images", "laid_out_test_ids",
-    "unusable_test_entries",
-    "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
+    "unusable_test_entries", "split_fingerprint", "stratified_split", "fold_assignment", "kaggle_rows",
     # duplicates
     "DUPLICATE_COLUMNS", "NEAR_BITS", "NEAR_COLOUR", "image_hashes", "near_pairs", "find_groups", "duplicate_summary",
-    "read_duplicates", "group_ids", "known_test_labels", "hash_rows", "suspect_lines", "save_groups",
-    "fold_groups",
+    "read_duplicates", "group_ids", "known_test_labels", "hash_rows", "suspect_lines", "save_groups", "fold_groups",
     # checks
     "CHECK_CACHE", "CHECK_COLUMNS", "DECODABLE", "check_image", "read_check_cache", "check_folder",
     # demo
@@ -142,15 +140,14 @@ __all__ = [
     # encoders
     "Encoder", "ENCODERS",
     # backbones
-    "Backbone", "REPORT_BACKBONES", "BACKBONES", "get_backbone", "resolve_weights",
+    "Backbone", "REPORT_BACKBONES", "STUDENTS", "BACKBONES", "get_backbone", "resolve_weights",
     # precision
     "PRECISIONS", "PRECISION_CHOICES", "KERAS_POLICY", "cpu_flags", "gpu_capabilities", "resolve_precision",
     "precision_policy", "as_precision", "legacy_precision",
     # features
     "ExtractSettings", "VIEW_SETTINGS", "ROW_SETTINGS", "LEGACY_NAMES", "dataset", "feature_path", "feature_file_state",
     "setting_changes", "check_same_settings", "rebuild_command", "FeatureWriter", "image_parts", "rows_mismatch",
-    "stale_reason", "make_extract_step", "extract_to_file", "Features", "load_features", "check_views",
-    "model_inputs",
+    "stale_reason", "make_extract_step", "extract_to_file", "Features", "load_features", "check_views", "model_inputs",
     # epochs
     "fit_arrays",
     # pseudo
@@ -158,16 +155,17 @@ __all__ = [
     # heads
     "HeadConfig", "Output", "make_optimizer", "build_head", "view_sampler", "tensorboard", "fit", "save_run",
     "train_head", "kfold_name", "train_kfold", "write_results",
+    # finetune
+    "all_layers", "freeze_batchnorm", "set_block_trainable", "classifier", "augmentation", "image_data", "fit_phases",
     # models
     "save_model", "MODEL_SHA256", "write_sidecar", "SIDECAR_KEYS", "load_model", "read_sidecar", "folder_problem",
-    "load_keras", "check_split", "check_trained_on", "predict_images", "predict_saved", "check_model_dir",
+    "load_keras", "check_split", "check_trained_on", "predict_images", "predict_saved", "read_kfold", "check_model_dir",
     "pick_model", "log_loss", "validate_submission", "write_submission",
     # blend
     "CLIP_GRID", "logit", "fit_blend", "scale_temperature", "fit_temperature", "auto_clip", "Recipe", "fit_recipe",
     "cross_fit",
     # kaggle_api
-    "KAGGLE_COMPETITION", "KAGGLE_RULES", "kaggle_credentials", "kaggle_api", "kaggle_call",
-    "download_competition",
+    "KAGGLE_COMPETITION", "KAGGLE_RULES", "kaggle_credentials", "kaggle_api", "kaggle_call", "download_competition",
     # cam
     "grad_cam", "save_cam_overlay",
     # plots

@@ -1,6 +1,7 @@
 """Classify your own photos as cat or dog with the model 08_export_model.py exported.
 
-    python predict.py photo.jpg more/*.jpg [--model model/export/catdog.keras|catdog.tflite] [--json] [--cam DIR]
+    python predict.py photo.jpg more/*.jpg [--model model/export/catdog.keras|catdog.tflite|saved_model]
+                      [--json] [--cam DIR]
 
 Each photo (any size; grayscale, CMYK and PNG content too) is stretched to the model's input size with Pillow,
 as 02 did. Prints file, cat/dog, P(dog) clipped as in the submission, and milliseconds; then images/s. A file
@@ -25,8 +26,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=helper.HelpFormatter)
     p.add_argument("images", nargs="+", help="photos to classify")
     p.add_argument("--model", default=str(Path("model", helper.EXPORT_DIR, helper.EXPORT_KERAS)),
-                   help="the exported model: catdog.keras (Keras), or catdog.tflite (LiteRT, as on a phone); "
-                        "export.json must be beside it")
+                   help="the exported model: catdog.keras (Keras), catdog.tflite or a student's catdog_int8.tflite "
+                        "(LiteRT, as on a phone), or the saved_model folder (TF Serving's); export.json must be "
+                        "beside it")
     p.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
     p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image into DIR (.keras models)")
     helper.precision_args(p, "a .keras model (a TFLite model computes in its own types: 08 --quantize)")
@@ -34,9 +36,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if Path(args.model).suffix == ".tflite" and args.precision not in ("float32", "auto"):
         p.error(f"--precision {args.precision} applies to .keras models; TFLite has its own types (08 --quantize)")
-    if Path(args.model).suffix not in (".keras", ".tflite"):
-        p.error(f"--model {args.model}: give 08's catdog.keras or catdog.tflite")
-    if args.cam and Path(args.model).suffix == ".tflite":
+    if Path(args.model).suffix not in (".keras", ".tflite") and not Path(args.model, "saved_model.pb").is_file():
+        p.error(f"--model {args.model}: give 08's catdog.keras, catdog.tflite or saved_model folder")
+    if args.cam and Path(args.model).suffix != ".keras":
         p.error("--cam needs the .keras model (TFLite has no gradients): pass --model .../catdog.keras")
     return args
 
@@ -46,7 +48,7 @@ class Classifier:
 
     def __init__(self, path: Path, precision: str = "float32"):
         info_path = path.parent / helper.EXPORT_INFO
-        if not path.is_file():
+        if not path.exists():
             raise CatDogError(f"{path} not found: run 08_export_model.py first, or pass --model")
         try:
             self.info = json.loads(info_path.read_text())
@@ -56,8 +58,13 @@ class Classifier:
             self.clip = tuple(self.info["clip"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CatDogError(f"{info_path} is missing or not 08's export.json ({e}): rerun 08_export_model.py") from e
-        self.keras = path.suffix != ".tflite"
-        if self.keras:
+        self.keras, self.saved_model = path.suffix == ".keras", path.is_dir()
+        if self.saved_model:
+            import tensorflow as tf
+            self.model = tf.saved_model.load(str(path))
+            self.call = self.model.serve
+            self.call(np.zeros((1, self.size, self.size, 3), np.uint8))  # traced now, not on the first photo
+        elif self.keras:
             import tensorflow as tf
             self.model = helper.as_precision(helper.load_keras(path), helper.resolve_precision(precision))
             if tuple(self.model.input.shape[1:]) != (self.size, self.size, 3):
@@ -78,14 +85,23 @@ class Classifier:
                 raise CatDogError(f"{path} is not a readable TFLite model ({e}): rerun 08_export_model.py") from e
             self.model.allocate_tensors()
             self.input, self.output = self.model.get_input_details()[0], self.model.get_output_details()[0]
+            if self.input["dtype"] != np.uint8:
+                raise CatDogError(f"{path} takes {np.dtype(self.input['dtype']).name} input, not uint8 pixels: "
+                                  f"rerun 08_export_model.py")
 
     def p_dog(self, pixels: np.ndarray) -> float:
         """P(dog) of one size x size RGB uint8 image."""
-        if self.keras:
+        if self.keras or self.saved_model:
             return float(np.asarray(self.call(pixels[None])).ravel()[0])
+        scale, zero = self.input["quantization"]
+        if scale:  # an input quantised other than as the raw pixels (08's keeps them raw: scale 0)
+            pixels = np.clip(np.round(pixels / scale + zero), 0, 255).astype(np.uint8)
         self.model.set_tensor(self.input["index"], pixels[None])
         self.model.invoke()
-        return float(self.model.get_tensor(self.output["index"]).ravel()[0])
+        out = self.model.get_tensor(self.output["index"]).ravel()[0]
+        scale, zero = self.output["quantization"]
+        # A quantised output (int8 or uint8) is dequantised; 08's int8 export already gives a float P(dog).
+        return float((float(out) - zero) * scale) if scale and out.dtype != np.float32 else float(out)
 
 
 def cam_overlay(classifier: Classifier, path: str, pixels: np.ndarray, p: float, out: Path) -> None:
@@ -143,7 +159,8 @@ def main(args) -> int:
         else:
             print(f"{path}\t{row['label']}\t{row['p_dog']:.4f}\t{row['ms']:.1f} ms", flush=True)
     rate = f"{1000 * done / total_ms:.1f} images/s" if total_ms else "no image classified"
-    log.info(f"{done} classified, {failed} failed: {rate} ({'Keras' if classifier.keras else 'TFLite'}, "
+    log.info(f"{done} classified, {failed} failed: {rate} ("
+             f"{'Keras' if classifier.keras else 'SavedModel' if classifier.saved_model else 'TFLite'}, "
              f"{classifier.size}x{classifier.size} input)")
     return 1 if failed else 0
 

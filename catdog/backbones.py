@@ -2,7 +2,8 @@
 file and the layer where split-block fine-tuning cuts it; BACKBONES also holds KerasHub's foundation encoders
 (encoders.py), so every step takes them by name.
 
-Used by: 02 (extraction), 04 (fine-tuning), 07 and 08 (feeding and rebuilding models), the heads' --models choices.
+Used by: 02 (extraction), 04 (fine-tuning), 09 (students), 07 and 08 (feeding and rebuilding models), the heads'
+--models choices.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ _NOTOP = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # The report's backbones, in its order: what 02 extracts by default.
 REPORT_BACKBONES = ("ResNet50", "VGG16", "InceptionV3", "Xception", "InceptionResNetV2")
+# Phone-sized networks that 09 distils the ensemble into (its --student choices, the first its default).
+STUDENTS = ("MobileNetV3Large", "MobileNetV3Small", "EfficientNetV2B0")
+_MOBILENET_V3 = "_224_1.0_float_no_top_v2.h5"
 # Sizes, widths, file names and URLs are Keras's (keras/src/applications/); every min_size is Keras's own floor
 # of 32, at which each of them builds and runs. The split layers cut before the last block (ConvNeXt: before its
 # last stage, whose blocks end in ops, not layers); NASNet's cells each read the two cells before them, so no
@@ -145,6 +149,17 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
              _APPS + "nasnet/NASNet-large-no-top.h5"),
     Backbone("ResNet152V2", "resnet_v2", "ResNet152V2", 224, 32, 2048, "resnet152v2" + _NOTOP, "conv5_block2_out",
              _APPS + "resnet/resnet152v2" + _NOTOP),
+    # The students: MobileNetV3 (include_preprocessing: its own Rescaling to [-1, 1]) and EfficientNetV2 take
+    # 0-255 pixels, so their preprocess_input passes them through. Without the top, MobileNetV3's last maps are its
+    # conv_1 (960 / 576 channels): the 1280 / 1024 of Keras's top come after the pool.
+    Backbone("MobileNetV3Large", "mobilenet_v3", "MobileNetV3Large", 224, 32, 960,
+             "weights_mobilenet_v3_large" + _MOBILENET_V3, None,
+             _APPS + "mobilenet_v3/weights_mobilenet_v3_large" + _MOBILENET_V3),
+    Backbone("MobileNetV3Small", "mobilenet_v3", "MobileNetV3Small", 224, 32, 576,
+             "weights_mobilenet_v3_small" + _MOBILENET_V3, None,
+             _APPS + "mobilenet_v3/weights_mobilenet_v3_small" + _MOBILENET_V3),
+    Backbone("EfficientNetV2B0", "efficientnet_v2", "EfficientNetV2B0", 224, 32, 1280, "efficientnetv2-b0_notop.h5",
+             None, _APPS + "efficientnet_v2/efficientnetv2-b0_notop.h5"),
 ]} | ENCODERS
 
 

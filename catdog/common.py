@@ -41,6 +41,7 @@ DATA_LOCK = ".catdog.lock"  # held by the run that writes the data dir's shared 
 
 # --model-dir: the folder of each step, and where later steps (04, 07, 08) read it.
 SINGLE_DIR, FINETUNE_DIR, MERGE_DIR, HYPEROPT_DIR = "single", "finetune", "merge", "hyperopt"
+STUDENT_DIR = "student"  # 09's distilled students (and their sidecars' kind)
 LOGS_DIR, ANALYSIS_DIR, BLEND_DIR = "logs", "analysis", "blend"
 HYPEROPT_BEST = Path(HYPEROPT_DIR) / "best.keras"
 RESULTS_CSV = "results.csv"
@@ -52,9 +53,10 @@ TEST_FOLDS_CSV = "test_folds.csv"
 EXPORT_DIR = "export"
 EXPORT_KERAS, EXPORT_SAVED_MODEL, EXPORT_TFLITE, EXPORT_INFO = ("catdog.keras", "saved_model", "catdog.tflite",
                                                                 "export.json")
+EXPORT_TFLITE_INT8 = "catdog_int8.tflite"  # a student's full-integer TFLite (uint8 in), beside the float16 one
 
-# A sidecar's `kind`: the step that trained the model (04 --mode full: images, not features, in).
-SIDECAR_KINDS = (SINGLE_DIR, MERGE_DIR, HYPEROPT_DIR, FINETUNE_DIR)
+# A sidecar's `kind`: the step that trained the model (04 --mode full and 09's students: images, not features, in).
+SIDECAR_KINDS = (SINGLE_DIR, MERGE_DIR, HYPEROPT_DIR, FINETUNE_DIR, STUDENT_DIR)
 FINETUNE_FULL = "finetune_full"
 
 # Layer names that later steps look up: the heads' Dense (04 starts from 03's, 08 copies it), the pooling.

@@ -23,10 +23,13 @@ from .common import (
     KFOLD_SUMMARY,
     LOG_EPS,
     MERGE_DIR,
+    OOF_CSV,
     RESULTS_CSV,
     SIDECAR_KINDS,
     SINGLE_DIR,
     SPLIT_CSV,
+    STUDENT_DIR,
+    TEST_CSV,
     CatDogError,
     log,
     versions,
@@ -61,7 +64,9 @@ def write_sidecar(model_file: str | Path, meta: dict, sidecar: str | Path) -> No
 
 # What a sidecar must hold, by kind, for 04 and 07 to feed its model as it was trained.
 SIDECAR_KEYS = {kind: ("features", "feature_attrs", "seed") for kind in SIDECAR_KINDS}
-SIDECAR_KEYS[FINETUNE_FULL] = ("backbone", "feature_attrs", "seed")
+SIDECAR_KEYS[FINETUNE_FULL] = SIDECAR_KEYS[STUDENT_DIR] = ("backbone", "feature_attrs", "seed")
+# Models that read the images themselves (one backbone end to end), not feature files.
+IMAGE_KINDS = (FINETUNE_FULL, STUDENT_DIR)
 
 
 def load_model(path: str | Path):
@@ -172,8 +177,8 @@ def check_trained_on(model_path: str | Path, meta: dict, feats: Features) -> Non
 
 def predict_images(model, paths: Sequence[str], meta: dict, batch_size: int = 64, mirror: bool = False
                    ) -> np.ndarray:
-    """Dog probabilities of images (or of their mirror images) for a model fine-tuned end to end (04 --mode
-    full), fed as it was trained."""
+    """Dog probabilities of images (or of their mirror images) for a model trained end to end (04 --mode full,
+    09's students), fed as it was trained."""
     st = ExtractSettings.of(meta["feature_attrs"][0])
     preprocess = get_backbone(st.backbone).preprocess
     if mirror:  # flipping the resized image equals resizing the flipped one (the filters are symmetric)
@@ -191,9 +196,10 @@ def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tu
 
     Heads read their feature files, after checking they were made the way the model was trained (and, for
     views, that they hold some); a split fine-tuned model streams its maps file (too big for RAM); a model
-    fine-tuned end to end (04 --mode full) reads the images themselves, and its views are the image and its mirror.
+    trained end to end (04 --mode full, 09's students) reads the images themselves, and its views are the image
+    and its mirror.
     """
-    if meta.get("kind") == FINETUNE_FULL:
+    if meta.get("kind") in IMAGE_KINDS:
         split, paths, ids = image_parts(data_dir)
         feats = Features([], [], split.label.to_numpy(np.float32), split.filename.to_numpy(str),
                          (split.subset == "valid").to_numpy(), [], ids, [], [])
@@ -211,6 +217,26 @@ def predict_saved(model, meta: dict, model_path: Path, data_dir: Path, parts: tu
     check_trained_on(model_path, meta, feats)
     return feats, {part: feats.predict(model, part) for part in (wanted or parts)}
 
+
+
+def read_kfold(path: Path, fingerprint: str, test_ids: np.ndarray) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """A K-fold run's folder (03/05 --folds): its kfold.json, oof.csv (filename, label, fold, prediction: each row
+    predicted by the fold model that did not train on it) and test.csv reindexed to `test_ids`, refused unless it
+    is complete, of split.csv's split (`fingerprint`) and covers the test images."""
+    path = Path(path)
+    try:
+        summary = json.loads((path / KFOLD_SUMMARY).read_text())
+        oof, test = pd.read_csv(path / OOF_CSV), pd.read_csv(path / TEST_CSV)
+        oof, test = oof[["filename", "label", "fold", "prediction"]], test[["id", "prediction"]]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:  # missing, garbled or foreign files
+        raise CatDogError(f"{path} is not a complete K-fold run ({type(e).__name__}: {str(e)[:120]}): rerun 03 or "
+                          f"05 with --folds") from e
+    if not isinstance(summary, dict) or summary.get("split_sha256") != fingerprint:
+        raise CatDogError(f"{path} was trained on another split ({SPLIT_CSV} changed since: 01 was rerun): "
+                          f"retrain it with --folds, or leave it out of --blend")
+    if set(test.id) != set(np.asarray(test_ids).tolist()):
+        raise CatDogError(f"{path / TEST_CSV} does not cover the test images on disk: retrain it")
+    return summary, oof, test.set_index("id").prediction.reindex(test_ids).to_numpy()
 
 
 def check_model_dir(model_dir: Path) -> None:
