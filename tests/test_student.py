@@ -68,7 +68,8 @@ def test_distil_export_and_predict_end_to_end(teacher, tmp_path, monkeypatch, ca
     oof = pd.read_csv(folder / helper.OOF_CSV)
     # Honest targets by construction: each row's out-of-fold prediction is that of the fold model that did not
     # train on it (its fold, drawn as 03 draws them, is the one held out from that model).
-    fold = helper.fold_assignment(split.label.to_numpy(), 3, helper.DEFAULT_SEED)
+    fold = helper.fold_assignment(split.label.to_numpy(), 3, helper.DEFAULT_SEED, None,
+                                  helper.fold_groups(data))  # duplicates in one fold, as 03 deals them
     np.testing.assert_array_equal(oof.set_index("filename").fold.reindex(split.filename).to_numpy(), fold + 1)
     feats = helper.load_features(["ResNet50"], data, parts=("labelled",))
     for k in (1, 2, 3):
