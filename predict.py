@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     args = p.parse_args(argv)
     if Path(args.model).suffix not in (".keras", ".tflite") and not Path(args.model, "saved_model.pb").is_file():
-        p.error(f"--model {args.model}: give 08's catdog.keras, catdog.tflite or saved_model folder")
+        p.error(f"--model {args.model}: give 08's catdog.keras or catdog.tflite (or its saved_model folder)")
     if args.cam and Path(args.model).suffix != ".keras":
         p.error("--cam needs the .keras model (TFLite has no gradients): pass --model .../catdog.keras")
     return args
