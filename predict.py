@@ -37,7 +37,7 @@ def parse_args(argv=None):
     if Path(args.model).suffix == ".tflite" and args.precision not in ("float32", "auto"):
         p.error(f"--precision {args.precision} applies to .keras models; TFLite has its own types (08 --quantize)")
     if Path(args.model).suffix not in (".keras", ".tflite") and not Path(args.model, "saved_model.pb").is_file():
-        p.error(f"--model {args.model}: give 08's catdog.keras, catdog.tflite or saved_model folder")
+        p.error(f"--model {args.model}: give 08's catdog.keras or catdog.tflite (or its saved_model folder)")
     if args.cam and Path(args.model).suffix != ".keras":
         p.error("--cam needs the .keras model (TFLite has no gradients): pass --model .../catdog.keras")
     return args
