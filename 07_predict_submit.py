@@ -142,8 +142,10 @@ def load_candidate(path: Path, args, test_ids: np.ndarray) -> Candidate:
         if args.tta:
             raise CatDogError(f"--tta: {path} is a K-fold model, whose stored test predictions have no views: "
                               f"drop --tta or leave it out of --blend")
+        if set(test.id) != set(test_ids.tolist()):
+            raise CatDogError(f"{path / helper.TEST_CSV} does not cover the test images on disk: retrain it")
         return Candidate(path.name, path, pd.Series(oof.prediction.to_numpy(), index=oof.filename.to_numpy()),
-                         test, True)
+                         test.set_index("id").prediction.reindex(test_ids).to_numpy(), True)
     model, meta = helper.load_model(path)
     check_judgeable(path, meta)
     helper.check_split(path, meta, data_dir)
