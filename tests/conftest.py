@@ -58,6 +58,19 @@ def jpeg_bytes(mode="RGB", size=(60, 40), fmt="JPEG") -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture
+def small_data(tmp_path):
+    """A small demo data dir laid out by 01 (6 images per class), for tests that extract features of their own."""
+    run("01", "--data-dir", tmp_path, "--demo", 6)
+    return tmp_path
+
+
+def extract(data, *extra):
+    """02 on `data`: VGG16 at 32 px with random weights, the cheapest feature file."""
+    return run("02", "--data-dir", data, "--weights", "none", "--image-size", 32, "--models", "VGG16",
+               "--batch-size", 4, *extra)
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
     """01 --demo, 02 (three backbones), 03, 05 --combos and 07 --analyze, run once for the session."""

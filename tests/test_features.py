@@ -6,7 +6,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import IMAGE_SIZE, run, script
+from conftest import IMAGE_SIZE, extract, run, script
 
 import helper
 from helper import CatDogError
@@ -112,17 +112,6 @@ def test_pillow_and_tf_decoders_agree(pipeline, interpolation):
         assert pil.dtype == tf_.dtype == np.float32
         # Same filters; Pillow rounds to uint8 and the two libjpeg builds differ by a level here and there.
         assert np.abs(pil - tf_).mean() < (8 if interpolation == "nearest" else 2)
-
-
-@pytest.fixture
-def small_data(tmp_path):
-    run("01", "--data-dir", tmp_path, "--demo", 6)
-    return tmp_path
-
-
-def extract(data, *extra):
-    return run("02", "--data-dir", data, "--weights", "none", "--image-size", 32, "--models", "VGG16",
-               "--batch-size", 4, *extra)
 
 
 def test_rerun_skips_complete_files(small_data, caplog):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run, script
+from conftest import extract, run, script
 
 import helper
 from helper import CatDogError
@@ -143,17 +143,6 @@ def test_sixteen_bit_images_decode_like_their_8_bit_version_in_02_predict_and_08
     pixels = [helper.load_pixels(p, 32) for p in (deep, flat)]
     np.testing.assert_array_equal(pixels[0], pixels[1])
     np.testing.assert_array_equal(pixels[0].astype(np.float32), plain[0])  # 02's pixels are the export's
-
-
-@pytest.fixture
-def small_data(tmp_path):
-    run("01", "--data-dir", tmp_path, "--demo", 6)
-    return tmp_path
-
-
-def extract(data, *extra):
-    return run("02", "--data-dir", data, "--weights", "none", "--image-size", 32, "--models", "VGG16",
-               "--batch-size", 4, *extra)
 
 
 def test_animated_gif_with_tf_decoder_gets_advice_that_helps(small_data, monkeypatch, capfd):
