@@ -46,9 +46,9 @@ def main(args):
     if args.views > 1:
         for name in names:  # each on its own: a single head needs only its own file's views
             helper.check_views([name], args.data_dir, args.views)
+    stems = [helper.kfold_name(n, args.folds) if args.folds else n for n in names]  # each run's results row
     if args.predict:
-        for name in names:
-            stem = helper.kfold_name(name, args.folds) if args.folds else name
+        for stem in stems:
             helper.check_writable_target(Path(args.submissions_dir) / f"{stem}.csv")
     config = helper.HeadConfig.of(vars(args))
     groups = helper.fold_groups(args.data_dir, not args.no_group_duplicates) if args.folds else None
@@ -56,7 +56,6 @@ def main(args):
                                 groups) if args.pseudo else None)
     out = helper.Output(Path(args.model_dir), helper.SINGLE_DIR, vars(args), helper.split_fingerprint(args.data_dir))
     if pseudo:
-        stems = [helper.kfold_name(n, args.folds) if args.folds else n for n in names]
         pseudo.refuse_outputs([out.folder / (s if args.folds else f"{s}.keras") for s in stems]
                               + ([Path(args.submissions_dir) / f"{s}.csv" for s in stems] if args.predict else []))
     results = None
